@@ -1,0 +1,120 @@
+"""peft's adapter files: `adapter_config.json` + `adapter_model.safetensors`.
+
+Keys are `base_model.model.<module path>.lora_A.weight`: lorakit's own state-dict keys with the adapter
+name removed and peft's prefix added, nothing more."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import LorakitError
+from lorakit.io import atomic_directory
+from lorakit.lora.layer import LoraLinear, ModulesToSave
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under peft's key names (adapter name stripped, prefix added)."""
+    state: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLinear) and adapter_name in module.lora_A:
+            state[f"{path}.lora_A.weight"] = module.lora_A[adapter_name].weight
+            state[f"{path}.lora_B.weight"] = module.lora_B[adapter_name].weight
+            if bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
+                state[f"{path}.base_layer.bias"] = module.base_layer.bias
+        elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
+            for key, value in module.modules_to_save[adapter_name].state_dict().items():
+                state[f"{path}.{key}"] = value
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if name.endswith("bias") and ".modules_to_save." not in name and ".original_module." not in name:
+                state[name] = param
+    return {PREFIX + k: v.detach().contiguous() for k, v in state.items()}
+
+
+def save_adapter(model: nn.Module, config: LoraConfig, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write the adapter atomically: a crash leaves the previous adapter (or nothing) in place."""
+    tensors = adapter_state_dict(model, adapter_name, config.bias)
+    tensors = _untie(tensors)
+    with atomic_directory(directory) as staging:
+        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        (staging / CONFIG_NAME).write_text(json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n")
+    return Path(directory)
+
+
+def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory; copy the second and later sharers."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in tensors.items():
+        ptr = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    return out
+
+
+def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise LorakitError(f"no {CONFIG_NAME} in {directory}; point at a directory written by save_pretrained")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise LorakitError(f"{path} is not valid JSON ({err}); re-save the adapter") from err
+    return LoraConfig.from_peft_dict(data)
+
+
+def read_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        hint = " (lorakit never unpickles adapter_model.bin; convert it to safetensors)" if (Path(directory) / "adapter_model.bin").exists() else ""
+        raise LorakitError(f"no {WEIGHTS_NAME} in {directory}{hint}")
+    return load_file(str(path))
+
+
+def to_model_keys(tensors: dict[str, torch.Tensor], model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Map peft file keys to this model's parameter names, inserting the adapter name."""
+    wrappers = {p for p, m in model.named_modules() if isinstance(m, ModulesToSave)}
+    mapped = {}
+    for key, value in tensors.items():
+        key = key.removeprefix(PREFIX)
+        for part in ("lora_A", "lora_B"):
+            if f".{part}." in key:
+                key = key.replace(f".{part}.", f".{part}.{adapter_name}.")
+        owner = next((w for w in wrappers if key.startswith(w + ".")), None)
+        if owner is not None:
+            key = f"{owner}.modules_to_save.{adapter_name}.{key[len(owner) + 1:]}"
+        mapped[key] = value
+    return mapped
+
+
+@torch.no_grad()
+def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """Copy the file's tensors into the injected adapter; refuse names or shapes that do not fit."""
+    params = dict(model.named_parameters())
+    mapped = to_model_keys(tensors, model, adapter_name)
+    missing = [k for k in mapped if k not in params]
+    wrong = [f"{k} is {tuple(v.shape)} in the file but {tuple(params[k].shape)} in the model" for k, v in mapped.items() if k in params and params[k].shape != v.shape]
+    expected = [k for k in params if f".lora_A.{adapter_name}." in k or f".lora_B.{adapter_name}." in k]
+    absent = [k for k in expected if k not in mapped]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors name modules the base model lacks (e.g. {missing[0]})")
+    if wrong:
+        problems.append(f"{len(wrong)} tensors have the wrong shape (e.g. {wrong[0]})")
+    if absent:
+        problems.append(f"{len(absent)} adapter tensors are missing from the file (e.g. {absent[0]})")
+    if problems:
+        raise LorakitError("adapter does not fit this base model: " + "; ".join(problems) + "; load it on the base model it was trained on")
+    for key, value in mapped.items():
+        params[key].copy_(value.to(params[key].dtype))

@@ -1,0 +1,139 @@
+"""`LoraConfig` with peft's field names and meaning, and its validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorakit.errors import ConfigError
+
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+class TaskType(str, enum.Enum):
+    """peft's task types; only the name is stored, the wrapped model decides the head."""
+
+    CAUSAL_LM = "CAUSAL_LM"
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+@dataclass
+class LoraConfig:
+    """What to adapt and how; field names and defaults follow peft's `LoraConfig`."""
+
+    r: int = 8
+    """Rank of the update B A."""
+    lora_alpha: float = 8
+    """Scale numerator: the update is multiplied by lora_alpha / r (or / sqrt(r) with rsLoRA)."""
+    target_modules: list[str] | str | None = None
+    """Exact names or dotted suffixes (list), a regex full-matched against the module path (str),
+    or "all-linear" (every linear layer except the output head)."""
+    exclude_modules: list[str] | str | None = None
+    """Modules never adapted, matched like target_modules."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA path's input only."""
+    bias: str = "none"
+    """Which biases train: "none", "all", or "lora_only" (those of adapted layers)."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter (e.g. a classifier head)."""
+    use_rslora: bool = False
+    """Scale by lora_alpha / sqrt(r) instead of lora_alpha / r."""
+    fan_in_fan_out: bool = False
+    """True for GPT-2's Conv1D, which stores its weight as (in, out)."""
+    task_type: TaskType | str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.task_type, TaskType):
+            self.task_type = self.task_type.value
+        self.validate()
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+    def problems(self) -> list[str]:
+        """Every problem with the values, so the user can fix them all at once."""
+        found = []
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            found.append(f"r must be a positive integer (got {self.r!r}); try r=8 or r=16")
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            found.append(f"lora_alpha must be > 0 (got {self.lora_alpha!r}); a common choice is 2 * r")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            found.append(f"lora_dropout must be in [0, 1) (got {self.lora_dropout!r})")
+        if self.bias not in BIAS_MODES:
+            found.append(f"bias must be one of {', '.join(BIAS_MODES)} (got {self.bias!r})")
+        if self.task_type is not None and self.task_type not in TaskType._value2member_map_:
+            found.append(f"task_type {self.task_type!r} is unknown; use one of {', '.join(TaskType._value2member_map_)}")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str) and not (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)
+            ):
+                found.append(f"{name} must be a list of module names or a regex string (got {value!r})")
+        return found
+
+    def validate(self) -> None:
+        found = self.problems()
+        if found:
+            raise ConfigError(found, "LoraConfig")
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The `adapter_config.json` content, with the keys peft and vLLM read."""
+        targets = self.target_modules
+        if isinstance(targets, list):
+            targets = sorted(set(targets))
+        return {
+            "alpha_pattern": {},
+            "auto_mapping": None,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "bias": self.bias,
+            "exclude_modules": self.exclude_modules,
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "layers_pattern": None,
+            "layers_to_transform": None,
+            "lora_alpha": self.lora_alpha,
+            "lora_bias": False,
+            "lora_dropout": self.lora_dropout,
+            "modules_to_save": self.modules_to_save,
+            "peft_type": "LORA",
+            "r": self.r,
+            "rank_pattern": {},
+            "revision": None,
+            "target_modules": targets,
+            "task_type": self.task_type,
+            "use_dora": False,
+            "use_rslora": self.use_rslora,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        """Read an `adapter_config.json`, ignoring keys lorakit does not use (newer peft versions add some)."""
+        if data.get("peft_type", "LORA") != "LORA":
+            raise ConfigError([f"peft_type {data['peft_type']!r} is not supported; lorakit reads LoRA adapters only"], "adapter config")
+        unsupported = [k for k in ("use_dora", "lora_bias") if data.get(k)]
+        unsupported += [k for k in ("rank_pattern", "alpha_pattern", "layers_to_transform") if data.get(k)]
+        if unsupported:
+            raise ConfigError([f"adapter uses {', '.join(unsupported)}, which lorakit does not support"], "adapter config")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        kwargs["inference_mode"] = False
+        return cls(**kwargs)
+
+
+def replace(config: LoraConfig, **changes: Any) -> LoraConfig:
+    return dataclasses.replace(config, **changes)
+
+
+__all__ = ["LoraConfig", "TaskType", "BIAS_MODES", "replace", "field"]

@@ -1,0 +1,61 @@
+"""Fold adapters into the base weights and unwrap, leaving a plain transformers model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.lora.layer import LoraLinear, ModulesToSave, base_weight
+from lorakit.lora.inject import _set_child
+
+
+def merged_linear(layer: LoraLinear, names: list[str], safe: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
+    """The base layer with `names` folded in, computed in fp32 and stored in `dtype` (default: the base's).
+
+    A quantized base is dequantized and comes back as a dense nn.Linear; it is never re-quantized here."""
+    base = layer.base_layer
+    weight = base_weight(base).float()
+    for name in names:
+        if name not in layer.merged_adapters:
+            weight = weight + layer.delta_weight(name)
+    if safe and not torch.isfinite(weight).all():
+        raise LorakitError(f"merging adapters {names} gives NaN or inf weights; the adapter is broken, retrain it")
+    quantized = type(base.weight).__name__ in ("Params4bit", "Int8Params")
+    if not quantized:
+        target_dtype = dtype or base.weight.dtype
+        with torch.no_grad():
+            base.weight.data = weight.to(target_dtype)
+            if base.bias is not None and dtype is not None:
+                base.bias.data = base.bias.data.to(dtype)
+        return base
+    target_dtype = dtype or torch.bfloat16
+    dense = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, dtype=target_dtype, device=weight.device)
+    with torch.no_grad():
+        dense.weight.copy_(weight.to(target_dtype))
+        if base.bias is not None:
+            dense.bias.copy_(base.bias.to(target_dtype))
+    return dense
+
+
+def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """Merge the active (or named) adapters into `model` in place and remove every LoRA wrapper."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, LoraLinear):
+            names = adapter_names if adapter_names is not None else module.active_adapters
+            _set_child(model, path, merged_linear(module, [n for n in names if n in module.lora_A], safe_merge, dtype))
+        elif isinstance(module, ModulesToSave):
+            chosen = module.active_adapter if adapter_names is None else next((n for n in adapter_names if n in module.modules_to_save), None)
+            _set_child(model, path, module.modules_to_save[chosen] if chosen else module.original_module)
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging: the original model comes back."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, LoraLinear):
+            module.unmerge()
+            _set_child(model, path, module.base_layer)
+        elif isinstance(module, ModulesToSave):
+            _set_child(model, path, module.original_module)
+    return model

@@ -1,0 +1,171 @@
+"""`LoraModel`: a transformers model with named adapters, and the peft-shaped doors into it."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from lorakit.adapters.peft_format import load_adapter_weights, read_adapter_config, read_adapter_weights, save_adapter
+from lorakit.config import LoraConfig
+from lorakit.errors import LorakitError
+from lorakit.lora import merge as merge_ops
+from lorakit.lora.inject import count_parameters, inject_adapter, mark_trainable, trainable_report
+from lorakit.lora.layer import LoraLinear, ModulesToSave, adapters_disabled
+
+
+class LoraModel(nn.Module):
+    """Wraps a transformers model; attribute access falls through to it (`generate`, `config`, ...)."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default", adapter_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapter = adapter_name
+        self.add_adapter(adapter_name, config, adapter_dtype)
+
+    # --- attribute fall-through, as peft does ---------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
+    # --- adapters ------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: LoraConfig, adapter_dtype: torch.dtype | None = None) -> None:
+        if adapter_name in self.peft_config:
+            raise LorakitError(f"adapter {adapter_name!r} already exists; pick another adapter_name or delete_adapter() it first")
+        if config.base_model_name_or_path is None:
+            config = LoraConfig(**{**config.__dict__, "base_model_name_or_path": getattr(self.model, "name_or_path", None) or None})
+        self.peft_config[adapter_name] = inject_adapter(self.model, config, adapter_name, adapter_dtype)
+        self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make `adapter_name` (or several, summed) the active adapter(s) and the only trainable one."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise LorakitError(f"no adapter named {unknown[0]!r}; loaded adapters: {', '.join(self.peft_config)}")
+        for module in self.model.modules():
+            if isinstance(module, (LoraLinear, ModulesToSave)):
+                module.set_active(names)
+        self.active_adapter = names[0]
+        if not self.peft_config[names[0]].inference_mode:
+            mark_trainable(self.model, names[0], self.peft_config[names[0]].bias)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        for module in self.model.modules():
+            if isinstance(module, LoraLinear):
+                return list(module.active_adapters)
+        return [self.active_adapter]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise LorakitError(f"no adapter named {adapter_name!r}; loaded adapters: {', '.join(self.peft_config)}")
+        for module in self.model.modules():
+            if isinstance(module, (LoraLinear, ModulesToSave)) and (adapter_name in getattr(module, "lora_A", {}) or adapter_name in getattr(module, "modules_to_save", {})):
+                module.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name and self.peft_config:
+            self.set_adapter(next(iter(self.peft_config)))
+
+    def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False) -> None:
+        """Read a peft-format adapter into this model under `adapter_name`; nothing changes if it does not fit."""
+        config = read_adapter_config(directory)
+        tensors = read_adapter_weights(directory)
+        config.inference_mode = not is_trainable
+        active = self.active_adapter if self.peft_config else adapter_name
+        if adapter_name in self.peft_config:
+            raise LorakitError(f"adapter {adapter_name!r} already exists; load it under another adapter_name")
+        try:
+            self.peft_config[adapter_name] = inject_adapter(self.model, config, adapter_name)
+            load_adapter_weights(self.model, tensors, adapter_name)
+        except Exception:
+            self._remove_partial(adapter_name)
+            raise
+        self.set_adapter(active if active in self.peft_config else adapter_name)
+        if not is_trainable:
+            for module in self.model.modules():
+                if isinstance(module, LoraLinear) and adapter_name in module.lora_A:
+                    module.lora_A[adapter_name].requires_grad_(False)
+                    module.lora_B[adapter_name].requires_grad_(False)
+
+    def _remove_partial(self, adapter_name: str) -> None:
+        self.peft_config.pop(adapter_name, None)
+        for module in self.model.modules():
+            if isinstance(module, LoraLinear) and adapter_name in module.lora_A:
+                module.delete_adapter(adapter_name)
+            elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
+                module.delete_adapter(adapter_name)
+        for path, module in list(self.model.named_modules()):
+            if isinstance(module, LoraLinear) and not module.lora_A:
+                merge_ops._set_child(self.model, path, module.base_layer)
+            elif isinstance(module, ModulesToSave) and not module.modules_to_save:
+                merge_ops._set_child(self.model, path, module.original_module)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False, **_: Any) -> LoraModel:
+        """peft's `PeftModel.from_pretrained(base, adapter_dir)`."""
+        wrapper = cls.__new__(cls)
+        nn.Module.__init__(wrapper)
+        wrapper.model = model
+        wrapper.peft_config = {}
+        wrapper.active_adapter = adapter_name
+        wrapper.load_adapter(model_id, adapter_name, is_trainable)
+        return wrapper
+
+    # --- saving --------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, **_: Any) -> None:
+        """Write each adapter in peft's layout: the default one at the top, others in sub-directories."""
+        for name in selected_adapters or list(self.peft_config):
+            target = Path(save_directory) if name == "default" else Path(save_directory) / name
+            save_adapter(self.model, self.peft_config[name], target, name)
+
+    # --- reports, merging, disabling -----------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        return count_parameters(self)
+
+    def print_trainable_parameters(self) -> None:
+        print(trainable_report(self))
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        with adapters_disabled(self.model):
+            yield
+
+    def merge_adapter(self, safe_merge: bool = False) -> None:
+        for module in self.model.modules():
+            if isinstance(module, LoraLinear):
+                module.merge(safe=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for module in self.model.modules():
+            if isinstance(module, LoraLinear):
+                module.unmerge()
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+        return merge_ops.merge_and_unload(self.model, safe_merge, adapter_names, dtype)
+
+    def unload(self) -> nn.Module:
+        return merge_ops.unload(self.model)
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", autocast_adapter_dtype: bool = True) -> LoraModel:
+    """Wrap `model` with a fresh adapter: A random, B zero, everything else frozen."""
+    adapter_dtype = None if autocast_adapter_dtype else next(model.parameters()).dtype
+    return LoraModel(model, peft_config, adapter_name, adapter_dtype)
+
+
+PeftModel = LoraModel
+PeftModelForCausalLM = LoraModel

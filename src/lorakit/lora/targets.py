@@ -1,0 +1,73 @@
+"""Which modules a `LoraConfig` adapts, with peft's matching rules."""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import ConfigError
+
+ALL_LINEAR = "all-linear"
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def name_matches(pattern: list[str] | str, name: str) -> bool:
+    """peft's rule: a string is a regex full-matched against the path; a list holds exact paths or dotted suffixes."""
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return name in pattern or any(name.endswith(f".{p}") for p in pattern)
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output head(s), which "all-linear" leaves alone."""
+    heads = set()
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    for name, module in model.named_modules():
+        if head is not None and module is head:
+            heads.add(name)
+    return heads | {n for n, _ in model.named_modules() if n.split(".")[-1] in ("lm_head", "score", "classifier")}
+
+
+def resolve_all_linear(model: nn.Module) -> list[str]:
+    """The leaf names of every linear layer but the output head, as peft expands "all-linear"."""
+    heads = output_head_names(model)
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if is_linear_like(m) and name not in heads}
+    )
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Paths of the modules `config` adapts; raises ConfigError when the targets match nothing."""
+    targets = config.target_modules
+    if targets is None:
+        raise ConfigError(["target_modules is not set; name the layers to adapt, e.g. ['q_proj', 'v_proj'] or 'all-linear'"], "LoraConfig")
+    if targets == ALL_LINEAR:
+        targets = resolve_all_linear(model)
+    names = [n for n, _ in model.named_modules() if n]
+    chosen = [n for n in names if name_matches(targets, n)]
+    if config.exclude_modules:
+        chosen = [n for n in chosen if not name_matches(config.exclude_modules, n)]
+    chosen = [n for n in chosen if not _inside_lora_layer(n)]
+    if not chosen:
+        raise ConfigError([_no_match_message(model, targets)], "LoraConfig")
+    return chosen
+
+
+def _inside_lora_layer(name: str) -> bool:
+    parts = name.split(".")
+    return any(p in ("lora_A", "lora_B", "lora_dropout", "base_layer", "original_module", "modules_to_save") for p in parts)
+
+
+def _no_match_message(model: nn.Module, targets: list[str] | str) -> str:
+    linear_leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear_like(m)})
+    wanted = [targets] if isinstance(targets, str) else list(targets)
+    close = sorted({c for t in wanted for c in difflib.get_close_matches(t.rsplit(".", 1)[-1], linear_leaves, n=3, cutoff=0.4)})
+    hint = f"closest existing: {', '.join(close)}" if close else f"linear layers in this model: {', '.join(linear_leaves[:12])}"
+    return f"target_modules {targets!r} match no module of the model ({hint})"
