@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, replace
 from lorakit.errors import ConfigError
 from lorakit.lora.layer import LoraLinear, ModulesToSave
-from lorakit.lora.targets import ALL_LINEAR, find_targets, is_linear_like, name_matches, resolve_all_linear
+from lorakit.lora.targets import ALL_LINEAR, inside_lora_layer, find_targets, is_linear_like, name_matches, resolve_all_linear
 
 
 def _set_child(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -20,45 +20,51 @@ def _set_child(model: nn.Module, path: str, new: nn.Module) -> None:
 def inject_adapter(
     model: nn.Module, config: LoraConfig, adapter_name: str = "default", adapter_dtype: torch.dtype | None = None
 ) -> LoraConfig:
-    """Add adapter `adapter_name` to every module `config` targets; returns the config with
-    "all-linear" expanded to layer names (what peft stores)."""
+    """Add adapter `adapter_name` to every module `config` targets; returns the config as peft stores it
+    ("all-linear" expanded to layer names, `fan_in_fan_out` set from the adapted layers' layout).
+
+    Raises:
+        ConfigError: the targets or modules_to_save do not fit the model; the model is then left unchanged.
+    """
     if config.target_modules == ALL_LINEAR:
-        config = _with_targets(config, resolve_all_linear(model))
-    for path in find_targets(model, config):
+        config = replace(config, target_modules=resolve_all_linear(model))
+    # Every check runs before the first module is replaced, so a bad config never half-wraps the model.
+    paths = find_targets(model, config)
+    _check_adaptable(model, paths)
+    save_paths = _modules_to_save_paths(model, config)
+    for path in paths:
         module = model.get_submodule(path)
         if not isinstance(module, LoraLinear):
-            if not is_linear_like(module):
-                raise ConfigError(
-                    [f"target {path!r} is a {type(module).__name__}; lorakit adapts Linear and Conv1D layers only"], "LoraConfig"
-                )
-            module = LoraLinear(module, fan_in_fan_out=config.fan_in_fan_out)
+            module = LoraLinear(module)
             _set_child(model, path, module)
         module.add_adapter(adapter_name, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, adapter_dtype)
-    _wrap_modules_to_save(model, config, adapter_name)
-    return config
-
-
-def _with_targets(config: LoraConfig, targets: list[str]) -> LoraConfig:
-    from lorakit.config import replace
-
-    return replace(config, target_modules=targets)
-
-
-def _wrap_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
-    if not config.modules_to_save:
-        return
-    paths = [n for n, _ in model.named_modules() if n and name_matches(config.modules_to_save, n) and ".original_module" not in n and ".modules_to_save" not in n]
-    paths = [p for p in paths if not isinstance(model.get_submodule(p), ModulesToSave)] + [
-        p for p, m in model.named_modules() if isinstance(m, ModulesToSave) and name_matches(config.modules_to_save, p)
-    ]
-    if not paths:
-        raise ConfigError([f"modules_to_save {config.modules_to_save!r} match no module of the model"], "LoraConfig")
-    for path in dict.fromkeys(paths):
+    for path in save_paths:
         module = model.get_submodule(path)
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
             _set_child(model, path, module)
         module.add_adapter(adapter_name)
+    fan_in_fan_out = any(model.get_submodule(path).fan_in_fan_out for path in paths)
+    return replace(config, fan_in_fan_out=fan_in_fan_out) if fan_in_fan_out != config.fan_in_fan_out else config
+
+
+def _check_adaptable(model: nn.Module, paths: list[str]) -> None:
+    wrong = [(p, m) for p in paths if not isinstance(m := model.get_submodule(p), LoraLinear) and not is_linear_like(m)]
+    if wrong:
+        path, module = wrong[0]
+        raise ConfigError(
+            [f"target {path!r} is a {type(module).__name__}; lorakit adapts Linear and Conv1D layers only"], "LoraConfig"
+        )
+
+
+def _modules_to_save_paths(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Paths of the modules trained in full, already-wrapped ones included; empty when none are asked for."""
+    if not config.modules_to_save:
+        return []
+    paths = [n for n, _ in model.named_modules() if n and not inside_lora_layer(n) and name_matches(config.modules_to_save, n)]
+    if not paths:
+        raise ConfigError([f"modules_to_save {config.modules_to_save!r} match no module of the model"], "LoraConfig")
+    return paths
 
 
 def mark_trainable(model: nn.Module, adapter_name: str, bias: str) -> None:
@@ -77,6 +83,16 @@ def mark_trainable(model: nn.Module, adapter_name: str, bias: str) -> None:
         for name, param in model.named_parameters():
             if name.endswith("bias") and param.is_floating_point():
                 param.requires_grad_(True)
+
+
+def freeze_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Freeze the adapter's own weights (A, B, modules_to_save copies), as peft does in inference mode."""
+    for module in model.modules():
+        if isinstance(module, LoraLinear) and adapter_name in module.lora_A:
+            module.lora_A[adapter_name].requires_grad_(False)
+            module.lora_B[adapter_name].requires_grad_(False)
+        elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
+            module.modules_to_save[adapter_name].requires_grad_(False)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -17,12 +17,17 @@ from torch import nn
 from lorakit.errors import LorakitError
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D: a linear layer whose weight is stored transposed, as (in, out)."""
+    return type(module).__name__ == "Conv1D"
+
+
 def layer_shape(base: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a linear-like layer: nn.Linear, bitsandbytes' Linear4bit /
     Linear8bitLt (both nn.Linear subclasses) or GPT-2's Conv1D (weight stored as in x out)."""
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features
-    if type(base).__name__ == "Conv1D":
+    if is_conv1d(base):
         in_features, out_features = base.weight.shape
         return in_features, out_features
     raise LorakitError(
@@ -44,7 +49,9 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = layer_shape(base_layer)
-        self.fan_in_fan_out = fan_in_fan_out or type(base_layer).__name__ == "Conv1D"
+        # The stored layout decides, not the flag: a wrong `fan_in_fan_out` would transpose the delta and
+        # silently corrupt merges of square layers (peft overrides the flag the same way, with a warning).
+        self.fan_in_fan_out = is_conv1d(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()

@@ -9,6 +9,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError
+from lorakit.lora.layer import LoraLinear
 
 ALL_LINEAR = "all-linear"
 
@@ -35,12 +36,20 @@ def output_head_names(model: nn.Module) -> set[str]:
     return heads | {n for n, _ in model.named_modules() if n.split(".")[-1] in ("lm_head", "score", "classifier")}
 
 
+def linear_paths(model: nn.Module) -> list[str]:
+    """Paths of the model's linear layers. A layer that already carries LoRA counts under its own path:
+    its inner `base_layer` and `lora_A.<name>` linears are not layers of the model."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if (is_linear_like(module) or isinstance(module, LoraLinear)) and not inside_lora_layer(name)
+    ]
+
+
 def resolve_all_linear(model: nn.Module) -> list[str]:
     """The leaf names of every linear layer but the output head, as peft expands "all-linear"."""
     heads = output_head_names(model)
-    return sorted(
-        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if is_linear_like(m) and name not in heads}
-    )
+    return sorted({name.rsplit(".", 1)[-1] for name in linear_paths(model) if name not in heads})
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -50,23 +59,28 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         raise ConfigError(["target_modules is not set; name the layers to adapt, e.g. ['q_proj', 'v_proj'] or 'all-linear'"], "LoraConfig")
     if targets == ALL_LINEAR:
         targets = resolve_all_linear(model)
-    names = [n for n, _ in model.named_modules() if n]
-    chosen = [n for n in names if name_matches(targets, n)]
-    if config.exclude_modules:
-        chosen = [n for n in chosen if not name_matches(config.exclude_modules, n)]
-    chosen = [n for n in chosen if not _inside_lora_layer(n)]
-    if not chosen:
+    names = [n for n, _ in model.named_modules() if n and not inside_lora_layer(n)]
+    matched = [n for n in names if name_matches(targets, n)]
+    if not matched:
         raise ConfigError([_no_match_message(model, targets)], "LoraConfig")
+    excluded = config.exclude_modules
+    chosen = [n for n in matched if not (excluded and name_matches(excluded, n))]
+    if not chosen:
+        raise ConfigError(
+            [f"exclude_modules {excluded!r} exclude all {len(matched)} modules target_modules {targets!r} match; narrow exclude_modules"],
+            "LoraConfig",
+        )
     return chosen
 
 
-def _inside_lora_layer(name: str) -> bool:
+def inside_lora_layer(name: str) -> bool:
+    """True for the parts lorakit adds inside a wrapped layer (base_layer, lora_A, ...), which are never targets."""
     parts = name.split(".")
     return any(p in ("lora_A", "lora_B", "lora_dropout", "base_layer", "original_module", "modules_to_save") for p in parts)
 
 
 def _no_match_message(model: nn.Module, targets: list[str] | str) -> str:
-    linear_leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear_like(m)})
+    linear_leaves = sorted({n.rsplit(".", 1)[-1] for n in linear_paths(model)})
     wanted = [targets] if isinstance(targets, str) else list(targets)
     close = sorted({c for t in wanted for c in difflib.get_close_matches(t.rsplit(".", 1)[-1], linear_leaves, n=3, cutoff=0.4)})
     hint = f"closest existing: {', '.join(close)}" if close else f"linear layers in this model: {', '.join(linear_leaves[:12])}"
