@@ -38,8 +38,26 @@ def merged_linear(layer: LoraLinear, names: list[str], safe: bool = False, dtype
     return dense
 
 
+def check_finite_merge(model: nn.Module, adapter_names: list[str] | None = None) -> None:
+    """safe_merge's check, run over every layer before the first one changes, so a broken adapter leaves
+    the model as it was instead of half merged.
+
+    Raises:
+        LorakitError: folding the active (or named) adapters into some layer gives NaN or inf weights.
+    """
+    for path, layer in model.named_modules():
+        if not isinstance(layer, LoraLinear):
+            continue
+        wanted = adapter_names if adapter_names is not None else layer.active_adapters
+        names = [n for n in wanted if n in layer.lora_A and n not in layer.merged_adapters]
+        if names and not torch.isfinite(base_weight(layer.base_layer).float() + sum(layer.delta_weight(n) for n in names)).all():
+            raise LorakitError(f"merging adapters {names} into {path} gives NaN or inf weights; the adapter is broken, retrain it")
+
+
 def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """Merge the active (or named) adapters into `model` in place and remove every LoRA wrapper."""
+    if safe_merge:
+        check_finite_merge(model, adapter_names)
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLinear):
             names = adapter_names if adapter_names is not None else module.active_adapters

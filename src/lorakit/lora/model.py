@@ -14,7 +14,7 @@ from lorakit.adapters.peft_format import load_adapter_weights, read_adapter_conf
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.lora import merge as merge_ops
-from lorakit.lora.inject import count_parameters, inject_adapter, mark_trainable, trainable_report
+from lorakit.lora.inject import count_parameters, freeze_adapter, inject_adapter, mark_trainable, trainable_report
 from lorakit.lora.layer import LoraLinear, ModulesToSave, adapters_disabled
 
 
@@ -60,8 +60,12 @@ class LoraModel(nn.Module):
             if isinstance(module, (LoraLinear, ModulesToSave)):
                 module.set_active(names)
         self.active_adapter = names[0]
-        if not self.peft_config[names[0]].inference_mode:
-            mark_trainable(self.model, names[0], self.peft_config[names[0]].bias)
+        config = self.peft_config[names[0]]
+        # The base is frozen in inference mode too: peft's report after from_pretrained counts 0 trainable
+        # parameters (plus the biases `bias` selects, which peft leaves trainable).
+        mark_trainable(self.model, names[0], config.bias)
+        if config.inference_mode:
+            freeze_adapter(self.model, names[0])
 
     @property
     def active_adapters(self) -> list[str]:
@@ -96,10 +100,7 @@ class LoraModel(nn.Module):
             raise
         self.set_adapter(active if active in self.peft_config else adapter_name)
         if not is_trainable:
-            for module in self.model.modules():
-                if isinstance(module, LoraLinear) and adapter_name in module.lora_A:
-                    module.lora_A[adapter_name].requires_grad_(False)
-                    module.lora_B[adapter_name].requires_grad_(False)
+            freeze_adapter(self.model, adapter_name)
 
     def _remove_partial(self, adapter_name: str) -> None:
         self.peft_config.pop(adapter_name, None)
@@ -145,6 +146,8 @@ class LoraModel(nn.Module):
             yield
 
     def merge_adapter(self, safe_merge: bool = False) -> None:
+        if safe_merge:
+            merge_ops.check_finite_merge(self.model)
         for module in self.model.modules():
             if isinstance(module, LoraLinear):
                 module.merge(safe=safe_merge)
