@@ -10,6 +10,10 @@ from typing import Any
 from lorakit.errors import ConfigError
 
 BIAS_MODES = ("none", "all", "lora_only")
+UNSUPPORTED_PEFT_KEYS = (
+    "use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "layers_to_transform", "layer_replication",
+    "target_parameters", "trainable_token_indices",
+)
 
 
 class TaskType(str, enum.Enum):
@@ -51,8 +55,10 @@ class LoraConfig:
     inference_mode: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
+        # peft accepts sets (and stores them as lists); so does lorakit.
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            if isinstance(getattr(self, name), (set, tuple)):
+                setattr(self, name, sorted(getattr(self, name)))
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
         self.validate()
@@ -122,8 +128,8 @@ class LoraConfig:
         """Read an `adapter_config.json`, ignoring keys lorakit does not use (newer peft versions add some)."""
         if data.get("peft_type", "LORA") != "LORA":
             raise ConfigError([f"peft_type {data['peft_type']!r} is not supported; lorakit reads LoRA adapters only"], "adapter config")
-        unsupported = [k for k in ("use_dora", "lora_bias") if data.get(k)]
-        unsupported += [k for k in ("rank_pattern", "alpha_pattern", "layers_to_transform") if data.get(k)]
+        # Each of these changes what the weights mean; ignoring one would load an adapter that computes the wrong thing.
+        unsupported = [k for k in UNSUPPORTED_PEFT_KEYS if data.get(k)]
         if unsupported:
             raise ConfigError([f"adapter uses {', '.join(unsupported)}, which lorakit does not support"], "adapter config")
         names = {f.name for f in dataclasses.fields(cls)}

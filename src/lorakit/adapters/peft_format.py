@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -47,9 +48,36 @@ def save_adapter(model: nn.Module, config: LoraConfig, directory: str | os.PathL
     tensors = adapter_state_dict(model, adapter_name, config.bias)
     tensors = _untie(tensors)
     with atomic_directory(directory) as staging:
+        _carry_over(Path(directory), staging)
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         (staging / CONFIG_NAME).write_text(json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n")
     return Path(directory)
+
+
+def _carry_over(old: Path, staging: Path) -> None:
+    """Keep everything else the directory holds (a tokenizer saved beside the adapter, other adapters'
+    sub-directories): peft's save_pretrained writes only its two files, so users rely on that.
+
+    Hard links make this cheap; the swap of the whole directory stays atomic."""
+    if not old.is_dir():
+        return
+    for entry in old.iterdir():
+        if entry.name in (CONFIG_NAME, WEIGHTS_NAME):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, staging / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, staging / entry.name)
+
+
+def _link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    if os.path.islink(source):
+        os.symlink(os.readlink(source), target)
+        return
+    try:
+        os.link(source, target)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(source, target)
 
 
 def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
