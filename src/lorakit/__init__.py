@@ -13,6 +13,8 @@ from lorakit.config import LoraConfig, TaskType  # noqa: E402
 from lorakit.errors import ConfigError, LorakitError  # noqa: E402
 from lorakit.lora.model import LoraModel, PeftModel, PeftModelForCausalLM, get_peft_model  # noqa: E402
 from lorakit.models.load import load_model, load_tokenizer  # noqa: E402
+from lorakit.quant.config import QuantConfig  # noqa: E402
+from lorakit.quant.prepare import prepare_model_for_kbit_training  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -25,6 +27,8 @@ __all__ = [
     "get_peft_model",
     "load_model",
     "load_tokenizer",
+    "QuantConfig",
+    "prepare_model_for_kbit_training",
     "LorakitError",
     "ConfigError",
 ]

@@ -36,14 +36,26 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def load_model(name_or_dir: str | os.PathLike = DEFAULT_NAME, dtype: str | torch.dtype | None = torch.float32, attn_implementation: str = "sdpa", **kwargs):
-    """A transformers AutoModelForCausalLM from a local directory; never touches the network."""
+def load_model(name_or_dir: str | os.PathLike = DEFAULT_NAME, dtype: str | torch.dtype | None = torch.float32, attn_implementation: str = "sdpa", quantization=None, **kwargs):
+    """A transformers AutoModelForCausalLM from a local directory; never touches the network.
+
+    `quantization` ("nf4" | "fp4" | "int8" or a lorakit.quant.QuantConfig) loads the base through
+    bitsandbytes; the layers it leaves unquantized are then held in the config's compute dtype."""
     from transformers import AutoModelForCausalLM
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     path = resolve_model_dir(name_or_dir)
+    # --- quantized base (lorakit.quant) ---
+    if quantization is not None:
+        from lorakit.quant.config import QuantConfig
+        from lorakit.quant.load import load_quantized
+
+        quant = QuantConfig.coerce(quantization)
+        if quant.enabled:
+            return load_quantized(path, quant, attn_implementation=attn_implementation, **kwargs)
+    # --- end quantized base ---
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=parse_dtype(dtype), attn_implementation=attn_implementation, local_files_only=True, **kwargs)
     return model
 

@@ -1,0 +1,100 @@
+"""Load a base model quantized through transformers' `BitsAndBytesConfig`, and recognise one.
+
+The weights are read once, shard by shard, and quantized as they arrive, so the full-precision model is
+never held in memory. The result is an ordinary transformers model whose linear layers are
+bitsandbytes' `Linear4bit` / `Linear8bitLt`: peft, transformers' `save_pretrained` and lorakit's
+`LoraLinear` all know them."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.quant.config import QuantConfig
+
+LINEAR_4BIT = "Linear4bit"
+LINEAR_8BIT = "Linear8bitLt"
+
+
+def bnb_config(config: QuantConfig):
+    """transformers' `BitsAndBytesConfig` for `config` (which must be enabled)."""
+    from transformers import BitsAndBytesConfig
+
+    skip = list(config.skip_modules) if config.skip_modules else None
+    if config.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=config.quantization,
+        bnb_4bit_use_double_quant=config.uses_double_quant,
+        bnb_4bit_compute_dtype=config.torch_compute_dtype,
+        llm_int8_skip_modules=skip,
+    )
+
+
+def load_quantized(path: str | os.PathLike, config: QuantConfig, device: str | torch.device = "cpu", **kwargs: Any) -> nn.Module:
+    """`AutoModelForCausalLM.from_pretrained(path, quantization_config=...)`; the layers left unquantized
+    (embeddings, norms, output head) are held in `config.compute_dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    config.validate(device)
+    kwargs.setdefault("dtype", config.torch_compute_dtype)
+    kwargs.setdefault("local_files_only", True)
+    device_map = {"": str(torch.device(device))}
+    with quiet_bitsandbytes():
+        model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=bnb_config(config), device_map=device_map, **kwargs)
+    return model
+
+
+def is_quantized_layer(module: nn.Module) -> bool:
+    return type(module).__name__ in (LINEAR_4BIT, LINEAR_8BIT) or _is_bnb_subclass(module)
+
+
+def _is_bnb_subclass(module: nn.Module) -> bool:
+    return any(cls.__name__ in (LINEAR_4BIT, LINEAR_8BIT) and cls.__module__.startswith("bitsandbytes") for cls in type(module).__mro__)
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every bitsandbytes 4-bit / 8-bit linear layer, by module path."""
+    return {name: m for name, m in model.named_modules() if is_quantized_layer(m)}
+
+
+def detect_quantization(model: nn.Module) -> QuantConfig:
+    """The QuantConfig a loaded model was quantized with (quantization "none" for a plain model)."""
+    for module in model.modules():
+        if not is_quantized_layer(module):
+            continue
+        weight = module.weight
+        if type(weight).__name__ == "Params4bit":
+            state = weight.quant_state
+            compute = getattr(module, "compute_dtype", None) or torch.bfloat16
+            name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}.get(compute, "bfloat16")
+            nested = bool(getattr(state, "nested", False) or getattr(state, "original_nested", False)) if state is not None else weight.compress_statistics
+            return QuantConfig(quantization=weight.quant_type, double_quant=nested, compute_dtype=name)
+        return QuantConfig(quantization="int8")
+    return QuantConfig()
+
+
+def import_bitsandbytes():
+    """`import bitsandbytes`, without its warning about an optional hub kernel (see quiet_bitsandbytes)."""
+    with quiet_bitsandbytes():
+        import bitsandbytes
+    return bitsandbytes
+
+
+class quiet_bitsandbytes:
+    """Silence bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" line: that
+    optional kernel wants a hub download, and the built-in path it falls back to is the one lorakit uses."""
+
+    def __enter__(self) -> None:
+        import logging
+
+        self._logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+        self._level = self._logger.level
+        self._logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.setLevel(self._level)
