@@ -1,8 +1,8 @@
 """Read local data files into raw records, each tagged with where it came from.
 
 Formats: JSONL, JSON (a list of objects), CSV, parquet, and a directory written by
-`datasets.Dataset.save_to_disk`. Parquet and on-disk datasets go through `datasets`, which reads
-Arrow files; nothing is ever unpickled. Only local paths are read: the hub is never contacted.
+`datasets.Dataset.save_to_disk`. Parquet is read with pyarrow and on-disk datasets with `datasets`
+(Arrow files); nothing is ever unpickled. Only local paths are read: the hub is never contacted.
 """
 
 from __future__ import annotations
@@ -98,10 +98,15 @@ def _read_csv(path: Path) -> list[RawRecord]:
 
 
 def _read_parquet(path: Path) -> list[RawRecord]:
-    from datasets import Dataset
+    # pyarrow (what datasets reads parquet with) straight to Python: datasets' from_parquet would
+    # copy the file into its cache under ~/.cache/huggingface and draw a progress bar.
+    import pyarrow.parquet as pq
 
-    dataset = Dataset.from_parquet(str(path), keep_in_memory=True)
-    return [RawRecord(f"{path.name} record {index}", row) for index, row in enumerate(dataset)]
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises ArrowInvalid / OSError subclasses on a damaged file
+        raise LorakitError(f"{path.name}: cannot read as parquet: {err}") from None
+    return [RawRecord(f"{path.name} record {index}", row) for index, row in enumerate(rows)]
 
 
 def _read_saved_dataset(path: Path) -> list[RawRecord]:
