@@ -1,0 +1,189 @@
+"""peft-format adapter files: what is written, atomic saves, and loads that refuse adapters that do not fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from conftest import make_tiny_gpt2, make_tiny_llama, randomize_lora_b
+from lorakit import LoraConfig, LorakitError, PeftModel, get_peft_model
+from lorakit.adapters import peft_format
+
+ATOL = 1e-5
+IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def trained(seed: int = 1, model: nn.Module | None = None, **config) -> nn.Module:
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **config}
+    wrapped = get_peft_model(model if model is not None else make_tiny_llama(), LoraConfig(**config))
+    randomize_lora_b(wrapped, seed=seed)
+    return wrapped
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_save_writes_peft_files(tmp_path: Path) -> None:
+    trained().save_pretrained(tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert sorted(tensors)[:2] == [
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+    ]
+    assert len(tensors) == 8 and tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 64)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_save_then_load_gives_the_same_logits(tmp_path: Path) -> None:
+    model = trained()
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_tiny_llama(), tmp_path)
+    torch.testing.assert_close(logits(loaded), logits(model), atol=ATOL, rtol=0)
+
+
+def test_loaded_adapter_is_frozen_unless_trainable(tmp_path: Path) -> None:
+    trained().save_pretrained(tmp_path)
+    frozen = PeftModel.from_pretrained(make_tiny_llama(), tmp_path)
+    assert frozen.get_nb_trainable_parameters()[0] == 0
+    trainable = PeftModel.from_pretrained(make_tiny_llama(), tmp_path, is_trainable=True)
+    names = {n for n, p in trainable.named_parameters() if p.requires_grad}
+    assert len(names) == 8 and all(".lora_" in n for n in names)
+
+
+def test_atomic_save_keeps_the_old_adapter_when_writing_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "adapter"
+    trained(seed=1).save_pretrained(target)
+    before = snapshot(target)
+
+    def write_half_then_fail(tensors: dict, filename: str, metadata: dict | None = None) -> None:
+        Path(filename).write_bytes(b"half a safetensors file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(peft_format, "save_file", write_half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        trained(seed=2).save_pretrained(target)
+    assert snapshot(target) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging or retired directories left
+    assert PeftModel.from_pretrained(make_tiny_llama(), target)  # still loads
+
+
+def test_first_save_that_fails_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(peft_format, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        trained().save_pretrained(tmp_path / "adapter")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_keeps_other_files_in_the_directory(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step-1.txt").write_text("kept")
+    trained().save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.json").read_text() == "{}"
+    assert (tmp_path / "checkpoints" / "step-1.txt").read_text() == "kept"
+
+
+def test_named_adapters_are_saved_in_sub_directories(tmp_path: Path) -> None:
+    model = trained()
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["k_proj"]))
+    randomize_lora_b(model, seed=3)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "other" / "adapter_model.safetensors").is_file()
+    model.save_pretrained(tmp_path, selected_adapters=["default"])  # re-saving default keeps "other"
+    assert (tmp_path / "other" / "adapter_config.json").is_file()
+    model.set_adapter("other")
+    loaded = PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "other", adapter_name="other")
+    torch.testing.assert_close(logits(loaded), logits(model), atol=ATOL, rtol=0)
+
+
+def test_load_adapter_adds_a_second_adapter(tmp_path: Path) -> None:
+    first, second = trained(seed=1), trained(seed=2, target_modules=["o_proj"])
+    second.save_pretrained(tmp_path)
+    first.load_adapter(tmp_path, adapter_name="second")
+    assert list(first.peft_config) == ["default", "second"] and first.active_adapter == "default"
+    first.set_adapter("second")
+    torch.testing.assert_close(logits(first), logits(second), atol=ATOL, rtol=0)
+
+
+def assert_refused_and_unchanged(model: nn.Module, directory: Path, match: str, **kwargs) -> None:
+    """Loading must fail with `match` and leave `model` exactly as it was, still usable."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    structure = [(n, type(m).__name__) for n, m in model.named_modules()]
+    expected = logits(model)
+    with pytest.raises(LorakitError, match=match):
+        if isinstance(model, PeftModel):
+            model.load_adapter(directory, **kwargs)
+        else:
+            PeftModel.from_pretrained(model, directory, **kwargs)
+    assert [(n, type(m).__name__) for n, m in model.named_modules()] == structure
+    assert model.state_dict().keys() == state.keys() and all(torch.equal(model.state_dict()[k], state[k]) for k in state)
+    torch.testing.assert_close(logits(model), expected, atol=0, rtol=0)
+
+
+def test_load_refuses_wrong_shapes(tmp_path: Path) -> None:
+    trained().save_pretrained(tmp_path)
+    smaller = make_tiny_llama(hidden_size=32, intermediate_size=64)
+    assert_refused_and_unchanged(
+        smaller, tmp_path,
+        r"adapter does not fit this base model: 8 tensors have the wrong shape \(e\.g\. model\.layers\.0\.self_attn\.q_proj"
+        r"\.lora_A\.default\.weight is \(4, 64\) in the file but \(4, 32\) in the model\); load it on the base model it was trained on",
+    )
+
+
+def test_load_refuses_wrong_shapes_into_an_adapted_model(tmp_path: Path) -> None:
+    trained().save_pretrained(tmp_path)
+    adapted = trained(model=make_tiny_llama(hidden_size=32, intermediate_size=64), target_modules=["q_proj"])
+    assert_refused_and_unchanged(adapted, tmp_path, "tensors have the wrong shape", adapter_name="extra")
+    assert list(adapted.peft_config) == ["default"]
+
+
+def test_load_refuses_module_names_the_model_lacks(tmp_path: Path) -> None:
+    model = trained()
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.extra.weight"] = torch.zeros(2)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    assert_refused_and_unchanged(make_tiny_llama(), tmp_path, r"1 tensors name modules the base model lacks \(e\.g\. .*q_proj\.extra\.weight\)")
+
+
+def test_load_refuses_a_file_with_missing_tensors(tmp_path: Path) -> None:
+    trained().save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    del tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    assert_refused_and_unchanged(make_tiny_llama(), tmp_path, r"1 adapter tensors are missing from the file \(e\.g\. .*layers\.1\.self_attn\.v_proj\.lora_B")
+
+
+def test_load_refuses_an_adapter_whose_targets_the_model_lacks(tmp_path: Path) -> None:
+    trained().save_pretrained(tmp_path)
+    assert_refused_and_unchanged(make_tiny_gpt2(), tmp_path, r"target_modules \['q_proj', 'v_proj'\] match no module")
+
+
+def test_missing_files_and_bad_json_are_explained(tmp_path: Path) -> None:
+    with pytest.raises(LorakitError, match="no adapter_config.json in"):
+        PeftModel.from_pretrained(make_tiny_llama(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(LorakitError, match="is not valid JSON"):
+        PeftModel.from_pretrained(make_tiny_llama(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(LoraConfig(target_modules=["q_proj"]).to_peft_dict()))
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(LorakitError, match="never unpickles adapter_model.bin"):
+        PeftModel.from_pretrained(make_tiny_llama(), tmp_path)
+
+
+def test_gpt2_adapter_records_fan_in_fan_out(tmp_path: Path) -> None:
+    trained(model=make_tiny_gpt2(), target_modules=["c_attn"]).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
