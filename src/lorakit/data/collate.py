@@ -6,6 +6,7 @@ A batch is a dict:
     position_ids  (B, T) long, restarting at 0 for each piece
     seq_lens      list[list[int]]: per row, the lengths of its pieces (they sum to T); attention
                   stays within a piece. Padding is a piece of its own with all labels -100.
+    padding       list[int]: per row, the pad tokens at its end (packed batches only).
 Padded batches (`collate_padded`) also carry attention_mask (B, T) long, 1 on real tokens.
 """
 
@@ -31,6 +32,7 @@ def collate_packed(rows: Sequence[PackedRow]) -> Batch:
         "labels": torch.tensor([r.labels for r in rows], dtype=torch.long),
         "position_ids": torch.tensor([r.position_ids for r in rows], dtype=torch.long),
         "seq_lens": [list(r.seq_lens) for r in rows],
+        "padding": [r.padding for r in rows],
     }
 
 

@@ -134,7 +134,9 @@ class LoraLinear(nn.Module):
             if name in self.merged_adapters:
                 continue
             lora_a = self.lora_A[name]
-            x_lora = self.lora_dropout[name](x.to(lora_a.weight.dtype))
+            # Under autocast the matmul picks its own dtype; casting x to fp32 first would only add copies.
+            x_lora = x if torch.is_autocast_enabled(x.device.type) else x.to(lora_a.weight.dtype)
+            x_lora = self.lora_dropout[name](x_lora)
             update = self.lora_B[name](lora_a(x_lora)) * self.scaling[name]
             result = result + update.to(result.dtype)
         return result
