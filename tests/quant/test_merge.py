@@ -1,0 +1,83 @@
+"""Merging an adapter trained on a quantized base: dequantize, merge in fp32, write dense; re-quantize
+only when asked, and then say what it cost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lorakit import LoraConfig, get_peft_model, load_model, prepare_model_for_kbit_training
+from lorakit.quant.config import QuantConfig
+from lorakit.quant.merge import merge_to_directory, read_quant_record, write_quant_record
+from qhelpers import adapter_params, batch, save_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(base dir, adapter dir): an all-linear adapter with non-trivial weights, trained 3 steps on nf4."""
+    root = tmp_path_factory.mktemp("merge")
+    base_dir = save_tiny_llama(root / "base")
+    torch.manual_seed(0)
+    model = get_peft_model(prepare_model_for_kbit_training(load_model(base_dir, quantization="nf4")),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, param in adapter_params(model).items():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for step in range(3):
+        model(**batch(step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(root / "adapter")
+    write_quant_record(root / "adapter", QuantConfig("nf4"))
+    return base_dir, root / "adapter"
+
+
+def test_quant_record_round_trips(trained):
+    _, adapter_dir = trained
+    assert read_quant_record(adapter_dir) == QuantConfig("nf4")
+
+
+def test_dense_merge_is_plain_bf16_and_loads_without_lorakit(trained, tmp_path):
+    base_dir, adapter_dir = trained
+    report = merge_to_directory(base_dir, adapter_dir, tmp_path / "merged")
+    assert report.base.quantization == "nf4" and report.requantized is None
+    assert report.error.max_abs < 0.1, report.lines()
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'merged')!r})\n"
+        "assert 'lorakit' not in sys.modules and 'bitsandbytes' not in sys.modules\n"
+        "assert {p.dtype for p in m.parameters()} == {torch.bfloat16}, {p.dtype for p in m.parameters()}\n"
+        "assert type(m.model.layers[0].mlp.down_proj) is torch.nn.Linear\n"
+        "print(m(input_ids=torch.arange(8)[None]).logits.float().sum().item())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_requantized_merge_is_marked_quantized_and_costs_more(trained, tmp_path):
+    base_dir, adapter_dir = trained
+    dense = merge_to_directory(base_dir, adapter_dir, tmp_path / "dense", dtype="fp32")
+    again = merge_to_directory(base_dir, adapter_dir, tmp_path / "nf4", requantize="nf4")
+    config = json.loads((tmp_path / "nf4" / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert again.requantized.quantization == "nf4" and "re-quantizing to nf4" in again.lines()[1]
+    assert dense.error.max_abs < again.error.max_abs and dense.error.mean_abs < again.error.mean_abs
+    reloaded = load_model(tmp_path / "nf4")
+    assert type(reloaded.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+
+
+def test_bad_dtype_is_one_clear_error(trained, tmp_path):
+    from lorakit.errors import LorakitError
+
+    base_dir, adapter_dir = trained
+    with pytest.raises(LorakitError, match="use bf16, fp16 or fp32"):
+        merge_to_directory(base_dir, adapter_dir, tmp_path / "x", dtype="int4")
