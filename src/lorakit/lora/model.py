@@ -48,10 +48,11 @@ class LoraModel(nn.Module):
         if config.base_model_name_or_path is None:
             config = LoraConfig(**{**config.__dict__, "base_model_name_or_path": getattr(self.model, "name_or_path", None) or None})
         self.peft_config[adapter_name] = inject_adapter(self.model, config, adapter_name, adapter_dtype)
-        self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
+        self._activate(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make `adapter_name` (or several, summed) the active adapter(s) and the only trainable one."""
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make `adapter_name` (or several, summed) the active adapter(s) and the only trainable one
+        (frozen too with `inference_mode`), as peft's `set_adapter` does."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -60,12 +61,15 @@ class LoraModel(nn.Module):
             if isinstance(module, (LoraLinear, ModulesToSave)):
                 module.set_active(names)
         self.active_adapter = names[0]
-        config = self.peft_config[names[0]]
         # The base is frozen in inference mode too: peft's report after from_pretrained counts 0 trainable
         # parameters (plus the biases `bias` selects, which peft leaves trainable).
-        mark_trainable(self.model, names[0], config.bias)
-        if config.inference_mode:
+        mark_trainable(self.model, names[0], self.peft_config[names[0]].bias)
+        if inference_mode:
             freeze_adapter(self.model, names[0])
+
+    def _activate(self, adapter_name: str) -> None:
+        """set_adapter for lorakit's own bookkeeping: an adapter loaded for inference stays frozen."""
+        self.set_adapter(adapter_name, inference_mode=self.peft_config[adapter_name].inference_mode)
 
     @property
     def active_adapters(self) -> list[str]:
@@ -82,7 +86,7 @@ class LoraModel(nn.Module):
                 module.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
         if self.active_adapter == adapter_name and self.peft_config:
-            self.set_adapter(next(iter(self.peft_config)))
+            self._activate(next(iter(self.peft_config)))
 
     def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False) -> None:
         """Read a peft-format adapter into this model under `adapter_name`; nothing changes if it does not fit."""
@@ -98,7 +102,7 @@ class LoraModel(nn.Module):
         except Exception:
             self._remove_partial(adapter_name)
             raise
-        self.set_adapter(active if active in self.peft_config else adapter_name)
+        self._activate(active if active in self.peft_config else adapter_name)
         if not is_trainable:
             freeze_adapter(self.model, adapter_name)
 
