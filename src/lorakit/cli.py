@@ -25,9 +25,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """`lorakit train [CONFIG] --name value ...`: the --name value pairs are settings, not flags."""
+    if not argv or argv[0] != "train":
+        return argv, []
+    head, rest = argv[:1], argv[1:]
+    if rest and not rest[0].startswith("-"):
+        head.append(rest.pop(0))
+    if any(t in ("-h", "--help") for t in rest):
+        head.append("--help")
+    return head, rest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
+    args.overrides = overrides
     if args.command is None:
         parser.print_help()
         return 2

@@ -1,0 +1,152 @@
+"""`lorakit train` end to end: config -> data -> model -> adapter, with a before/after report.
+
+Order matters for "nothing lost on failure": every check that can fail on the user's input (config,
+data files, empty data sets) runs before the model is loaded and before anything is written."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from lorakit.data import load_records, pack, tokenize_samples, train_eval_split
+from lorakit.data.formats import Sample
+from lorakit.data.records import Records
+from lorakit.errors import LorakitError
+from lorakit.train.config import RunConfig
+
+
+@dataclass
+class PreparedData:
+    train: list[Sample]
+    eval: list[Sample]
+    eval_records: list[dict]  # raw alpaca records for exact-match scoring (shipped task only)
+    shipped_task: bool
+
+
+def prepare_data(config: RunConfig) -> PreparedData:
+    """Read and validate the records (no tokenizer, no model): empty or broken data fails here."""
+    d = config.data
+    if not d.path:
+        from lorakit.data.task import train_eval_records
+
+        train_raw, eval_raw = train_eval_records()
+        train = _records_from_dicts(train_raw)
+        return PreparedData(train, _records_from_dicts(eval_raw), eval_raw, shipped_task=True)
+    records: Records = load_records(d.path, d.format, d.on_bad_record)
+    if d.eval_path:
+        held: list[Sample] = load_records(d.eval_path, d.format, d.on_bad_record).samples
+        train = records.samples
+    else:
+        train, held = train_eval_split(records.samples, eval_fraction=d.eval_fraction, seed=config.train.seed)
+    if not train:
+        raise LorakitError(f"no training records left in {d.path} after holding out the eval split; lower eval_fraction or add data")
+    return PreparedData(train, held, [], shipped_task=False)
+
+
+def _records_from_dicts(raw: list[dict]) -> list[Sample]:
+    from lorakit.data.formats import parse_record
+
+    return [parse_record(r, f"shipped task #{i}", "alpaca") for i, r in enumerate(raw)]
+
+
+def check_output_dir(config: RunConfig) -> None:
+    out = Path(config.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise LorakitError(f"output_dir {out} exists and is a file; choose a directory")
+
+
+def run_training(config: RunConfig, log=print) -> dict:
+    """Train an adapter as `config` says; returns a summary (also printed)."""
+    from lorakit.lora.model import get_peft_model
+    from lorakit.models.load import load_tokenizer
+    from lorakit.train.loop import train
+
+    check_output_dir(config)
+    data = prepare_data(config)
+    tokenizer = load_tokenizer(config.model.name)
+    d = config.data
+    train_examples, stats = tokenize_samples(data.train, tokenizer, d.max_seq_len, d.template, d.train_on_inputs)
+    eval_examples, _ = tokenize_samples(data.eval, tokenizer, d.max_seq_len, d.template, d.train_on_inputs) if data.eval else ([], None)
+    if not train_examples:
+        raise LorakitError("every training example was dropped during tokenization (nothing left to learn); check the data and max_seq_len")
+    pad = tokenizer.pad_token_id
+    train_rows, pack_stats = pack(train_examples, d.max_seq_len, pad, seed=config.train.seed) if d.packing else _unpacked(train_examples, d.max_seq_len, pad)
+    eval_rows = pack(eval_examples, d.max_seq_len, pad, seed=0)[0] if eval_examples else []
+    log(f"data: {len(train_examples)} train / {len(eval_examples)} eval examples; {pack_stats}")
+
+    model = load_base_model(config)
+    torch.manual_seed(config.train.seed)
+    peft_model = get_peft_model(model, config.lora_config())
+    peft_model.print_trainable_parameters()
+
+    summary: dict = {}
+    if data.shipped_task and config.train.compare_base:
+        with peft_model.disable_adapter():
+            summary["before"] = score(peft_model, tokenizer, data, eval_rows, config)
+    output_dir = Path(config.train.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "lorakit_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    result = train(peft_model, train_rows, eval_rows, config.train, log=log)
+    summary.update(steps=result.steps, tokens_per_second=round(result.tokens_per_second, 1), adapter=str(output_dir / "adapter"))
+    if result.interrupted:
+        return summary
+    if data.shipped_task and config.train.compare_base:
+        summary["after"] = score(peft_model, tokenizer, data, eval_rows, config)
+        log(before_after_table(summary["before"], summary["after"]))
+    elif result.eval_loss is not None:
+        summary["eval_loss"] = result.eval_loss
+        log(f"eval loss {result.eval_loss:.4f} (perplexity {math.exp(min(result.eval_loss, 50)):.2f})")
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"adapter saved to {output_dir / 'adapter'} ({result.steps} steps, {result.tokens_per_second:.0f} tokens/s); "
+        f"metrics in {output_dir / 'metrics.jsonl'}, loss curve in {output_dir / 'loss.png'}")
+    return summary
+
+
+def _unpacked(examples, max_seq_len: int, pad: int):
+    """One example per row, padded to max_seq_len (packing: false) — for comparison runs."""
+    from lorakit.data.packing import PackedRow, PackStats
+
+    rows = []
+    for e in examples:
+        padding = max_seq_len - len(e)
+        rows.append(PackedRow(e.input_ids + [pad] * padding, e.labels + [-100] * padding,
+                              list(range(len(e))) + list(range(padding)), [len(e), padding] if padding else [len(e)], padding))
+    tokens = sum(len(e) for e in examples)
+    return rows, PackStats(len(rows), len(examples), tokens, len(rows) * max_seq_len)
+
+
+def load_base_model(config: RunConfig):
+    """The frozen base: bf16 (default) or quantized through bitsandbytes, ready for LoRA training."""
+    from lorakit.models.load import load_model, resolve_model_dir
+
+    quant = config.quant_config()
+    if not quant.enabled:
+        return load_model(config.model.name, dtype=config.model.dtype)
+    from lorakit.quant.load import load_quantized
+    from lorakit.quant.prepare import prepare_model_for_kbit_training
+
+    model = load_quantized(resolve_model_dir(config.model.name), quant)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.train.gradient_checkpointing)
+
+
+def score(model, tokenizer, data: PreparedData, eval_rows, config: RunConfig) -> dict:
+    """Exact match by greedy generation, and eval loss, on the held-out records."""
+    from lorakit.data import batches
+    from lorakit.data.task_eval import evaluate_exact_match
+    from lorakit.train.step import evaluate_loss
+
+    accuracy, _ = evaluate_exact_match(model, tokenizer, data.eval_records, template=config.data.template)
+    loss = evaluate_loss(model, batches(eval_rows, config.train.per_device_eval_batch_size, shuffle=False), config.train.bf16)
+    return {"exact_match": accuracy, "eval_loss": loss}
+
+
+def before_after_table(before: dict, after: dict) -> str:
+    rows = [("", "base model", "with adapter"),
+            ("exact match", f"{before['exact_match']:.1%}", f"{after['exact_match']:.1%}"),
+            ("eval loss", f"{before['eval_loss']:.4f}", f"{after['eval_loss']:.4f}")]
+    return "\n".join(f"  {a:<12} {b:>12} {c:>14}" for a, b, c in rows)
