@@ -58,6 +58,8 @@ class DataSection:
     eval_fraction: float = opt(0.05, "share of the data held out for eval loss when eval_path is empty")
     train_on_inputs: bool = opt(False, "also learn the prompt tokens (default: loss on responses only)")
     on_bad_record: str = opt("skip", "skip | error: what to do with records that miss fields or have empty responses")
+    task_train_examples: int = opt(1000, "shipped task only (path empty): training examples to generate")
+    task_eval_examples: int = opt(50, "shipped task only: held-out examples scored by exact match")
 
 
 @dataclass
@@ -223,6 +225,8 @@ def validate(config: RunConfig) -> list[str]:
         found.append(f"format must be auto or one of {', '.join(FORMATS)} (got {d.format!r})")
     if d.on_bad_record not in BAD_RECORD_POLICIES:
         found.append(f"on_bad_record must be one of {', '.join(BAD_RECORD_POLICIES)} (got {d.on_bad_record!r})")
+    if d.task_train_examples < 1 or d.task_eval_examples < 1:
+        found.append("task_train_examples and task_eval_examples must be >= 1")
     if d.max_seq_len < 16:
         found.append(f"max_seq_len must be >= 16 (got {d.max_seq_len})")
     if not 0 <= d.eval_fraction < 1:

@@ -34,7 +34,7 @@ def prepare_data(config: RunConfig) -> PreparedData:
     if not d.path:
         from lorakit.data.task import train_eval_records
 
-        train_raw, eval_raw = train_eval_records()
+        train_raw, eval_raw = train_eval_records(d.task_train_examples, d.task_eval_examples)
         train = _records_from_dicts(train_raw)
         return PreparedData(train, _records_from_dicts(eval_raw), eval_raw, shipped_task=True)
     records: Records = load_records(d.path, d.format, d.on_bad_record)
@@ -92,6 +92,10 @@ def run_training(config: RunConfig, log=print) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "lorakit_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     result = train(peft_model, train_rows, eval_rows, config.train, log=log)
+    if not result.interrupted:
+        from lorakit.quant.merge import write_quant_record
+
+        write_quant_record(output_dir / "adapter", config.quant_config())
     summary.update(steps=result.steps, tokens_per_second=round(result.tokens_per_second, 1), adapter=str(output_dir / "adapter"))
     if result.interrupted:
         return summary
