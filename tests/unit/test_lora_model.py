@@ -215,3 +215,24 @@ def test_delete_a_merged_adapter_restores_the_base_weights() -> None:
     model.merge_adapter()
     model.delete_adapter("a")
     torch.testing.assert_close(logits(model), logits_b, atol=ATOL, rtol=0)
+
+
+def test_gradients_reach_only_the_trainable_parameters() -> None:
+    model = adapted(target_modules=["q_proj", "v_proj"], bias="lora_only", model=dict(attention_bias=True))
+    model.train()
+    model(IDS, labels=IDS).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == trainable(model)
+    # B starts at zero, so only B (and the bias) move on the first step; A's gradient is B^T (...) = 0.
+    lora_a = model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    lora_b = model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert torch.count_nonzero(lora_a.grad) == 0 and torch.count_nonzero(lora_b.grad) > 0
+
+
+def test_dropout_only_in_training_mode() -> None:
+    model = adapted(target_modules="all-linear", lora_dropout=0.5)
+    randomize_lora_b(model)
+    model.eval()
+    assert torch.equal(logits(model), logits(model))
+    model.train()
+    assert not torch.equal(logits(model), logits(model))
