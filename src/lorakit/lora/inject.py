@@ -8,7 +8,7 @@ from torch import nn
 from lorakit.config import LoraConfig, replace
 from lorakit.errors import ConfigError
 from lorakit.lora.layer import LoraLinear, ModulesToSave
-from lorakit.lora.targets import ALL_LINEAR, inside_lora_layer, find_targets, is_linear_like, name_matches, resolve_all_linear
+from lorakit.lora.targets import ALL_LINEAR, find_targets, inside_lora_layer, is_linear_like, name_matches, resolve_all_linear
 
 
 def _set_child(model: nn.Module, path: str, new: nn.Module) -> None:
