@@ -1,8 +1,10 @@
 """Batches have the documented shapes, and resuming at batch k gives batch k exactly."""
 
+import pytest
 import torch
 
 from lorakit.data import IGNORE_INDEX, TokenizedExample, batches, collate_padded, num_batches, pack, padded_batches
+from lorakit.errors import LorakitError
 
 
 def rows_for_test(n: int = 50, seq_len: int = 64):
@@ -60,9 +62,5 @@ def test_padded_batches_resume():
 
 
 def test_resume_past_the_end_is_refused():
-    import pytest
-
-    from lorakit.errors import LorakitError
-
     with pytest.raises(LorakitError, match="cannot resume at batch 99"):
         batches(rows_for_test(), 4, start=99)

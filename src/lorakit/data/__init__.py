@@ -3,7 +3,7 @@
     records = load_records("train.jsonl")                        # no tokenizer: fails fast on bad data
     train, held = train_eval_split(records.samples, eval_fraction=0.05, seed=0)
     examples, stats = tokenize_samples(train, tokenizer, max_seq_len=512)
-    rows, pack_stats = pack(examples, 512, tokenizer.pad_token_id, seed=seed + epoch)
+    rows, pack_stats = pack(examples, 512, tokenizer.pad_token_id, seed=seed, epoch=epoch)
     for batch in batches(rows, batch_size=4, seed=seed, epoch=epoch, start=resume_at):
         ...  # input_ids / labels / position_ids (B, T) long, seq_lens list[list[int]]
 """

@@ -52,12 +52,15 @@ class PackStats:
         return f"{self.examples} examples in {self.rows} rows of {self.slots // max(self.rows, 1)}: {self.efficiency:.1%} of slots used"
 
 
-def pack(examples: Sequence[TokenizedExample], max_seq_len: int, pad_token_id: int, seed: int = 0) -> tuple[list[PackedRow], PackStats]:
+def pack(
+    examples: Sequence[TokenizedExample], max_seq_len: int, pad_token_id: int, seed: int = 0, epoch: int = 0
+) -> tuple[list[PackedRow], PackStats]:
     """Rows of exactly `max_seq_len` tokens holding every example whole, and how full they are.
 
-    The examples are shuffled with `seed` first (it decides ties between equal lengths and which
-    examples share a row), so a different seed per epoch gives different rows; the same seed
-    always gives the same rows. Rows come out in a shuffled order too.
+    The examples are shuffled with (`seed`, `epoch`) first, which decides ties between equal
+    lengths and so which examples share a row: each epoch gets different rows, and the same
+    (seed, epoch) always the same rows, so a resumed run rebuilds them exactly. Rows come out in a
+    shuffled order too.
 
     Raises:
         LorakitError: an example longer than `max_seq_len` (truncate when tokenizing).
@@ -65,7 +68,7 @@ def pack(examples: Sequence[TokenizedExample], max_seq_len: int, pad_token_id: i
     too_long = [i for i, e in enumerate(examples) if len(e) > max_seq_len]
     if too_long:
         raise LorakitError(f"{len(too_long)} example(s) are longer than max_seq_len={max_seq_len} (first: #{too_long[0]}, {len(examples[too_long[0]])} tokens); truncate them when tokenizing")
-    rng = random.Random(seed)
+    rng = random.Random(f"lorakit-pack:{seed}:{epoch}")
     order = list(range(len(examples)))
     rng.shuffle(order)
     bins = best_fit_decreasing([len(examples[i]) for i in order], max_seq_len)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lorakit.data.chat import render
+from lorakit.data.formats import Message
 from lorakit.errors import LorakitError
 
 
@@ -81,9 +83,6 @@ def has_chat_template(tokenizer) -> bool:
 
 def instruction_prompt(tokenizer, instruction: str, input: str = "", template: str | PromptTemplate = "auto") -> str:
     """The text a model is prompted with at inference, exactly as training rendered the prompt."""
-    from lorakit.data.chat import render
-    from lorakit.data.formats import Message
-
     template = get_template(template, tokenizer)
     if template.uses_chat_template:
         return render(tokenizer, [Message("user", user_message(instruction, input))], add_generation_prompt=True)
