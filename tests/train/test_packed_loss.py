@@ -1,0 +1,77 @@
+"""A packed row gives the same losses as its examples run one by one."""
+
+import torch
+
+from lorakit import LoraConfig, get_peft_model
+from lorakit.train.loss import causal_lm_loss_sum
+from lorakit.train.step import batch_loss_sum
+from tests.conftest import make_tiny_llama, randomize_lora_b
+
+
+def _example(length: int, prompt: int, seed: int) -> tuple[list[int], list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 128, (length,), generator=g).tolist()
+    return ids, [-100] * prompt + ids[prompt:]
+
+
+def _packed_batch(examples):
+    ids = sum((e[0] for e in examples), [])
+    labels = sum((e[1] for e in examples), [])
+    positions = sum((list(range(len(e[0]))) for e in examples), [])
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]), "seq_lens": [[len(e[0]) for e in examples]]}
+
+
+def test_packed_row_matches_examples_one_by_one():
+    model = get_peft_model(make_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_lora_b(model)
+    examples = [_example(17, 5, 0), _example(30, 12, 1), _example(9, 2, 2)]
+    # Labels of the packed row must not let one example predict the next one's first token.
+    packed = _packed_batch(examples)
+    packed_sum, packed_count = batch_loss_sum(model, packed, bf16=False)
+
+    singles_sum, singles_count = 0.0, 0
+    for ids, labels in examples:
+        out = model(input_ids=torch.tensor([ids]))
+        logits = out.logits[0, :-1]
+        targets = torch.tensor(labels[1:])
+        keep = targets != -100
+        singles_sum += torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
+        singles_count += int(keep.sum())
+    assert packed_count == singles_count
+    torch.testing.assert_close(packed_sum, singles_sum, rtol=1e-5, atol=1e-4)
+
+
+def test_packed_gradients_match_examples_one_by_one():
+    model = get_peft_model(make_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_lora_b(model)
+    examples = [_example(20, 4, 3), _example(25, 10, 4)]
+    loss, _ = batch_loss_sum(model, _packed_batch(examples), bf16=False)
+    loss.backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    for ids, labels in examples:
+        out = model(input_ids=torch.tensor([ids]))
+        targets = torch.tensor(labels[1:])
+        keep = targets != -100
+        torch.nn.functional.cross_entropy(out.logits[0, :-1][keep], targets[keep], reduction="sum").backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(packed_grads[name], param.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_head_loss_equals_full_cross_entropy():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :3] = -100
+    loss, count = causal_lm_loss_sum(hidden, labels, head, chunk=4)
+    loss.backward()
+    fast_grad = hidden.grad.clone()
+    hidden.grad = None
+    reference = torch.nn.functional.cross_entropy(head(hidden[:, :-1]).reshape(-1, 50), labels[:, 1:].reshape(-1), reduction="sum")
+    reference.backward()
+    assert count == int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(fast_grad, hidden.grad)
