@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from lorakit.data import IGNORE_INDEX, TokenizedExample, pack
+from lorakit.data import IGNORE_INDEX, TokenizedExample, pack, pad_rows
 from lorakit.errors import LorakitError
 
 PAD = 2
@@ -72,3 +72,12 @@ def test_exact_fit_has_no_filler():
 def test_too_long_example_is_refused():
     with pytest.raises(LorakitError, match="longer than max_seq_len=8"):
         pack([TokenizedExample([1] * 9, [1] * 9)], 8, PAD)
+
+
+def test_pad_rows_one_example_per_row():
+    examples = make_examples(10, high=100)
+    rows, stats = pad_rows(examples, 128, PAD)
+    for row, example in zip(rows, examples):
+        assert row.input_ids[: len(example)] == example.input_ids and row.seq_lens == [len(example), 128 - len(example)]
+        assert row.position_ids == list(range(len(example))) + list(range(128 - len(example)))
+    assert stats.rows == 10 and stats.efficiency == sum(map(len, examples)) / 1280

@@ -10,7 +10,7 @@
 
 from lorakit.data.collate import batch_indices, batches, collate_packed, collate_padded, num_batches, padded_batches
 from lorakit.data.formats import FORMATS, Message, Sample, detect_format
-from lorakit.data.packing import PackedRow, PackStats, best_fit_decreasing, pack
+from lorakit.data.packing import PackedRow, PackStats, best_fit_decreasing, pack, pad_rows
 from lorakit.data.readers import RawRecord, read_records
 from lorakit.data.records import BAD_RECORD_POLICIES, BadRecord, Records, load_records
 from lorakit.data.split import train_eval_split
@@ -24,6 +24,6 @@ __all__ = [
     "train_eval_split",
     "PromptTemplate", "ALPACA", "CHATML", "TEMPLATES", "get_template", "instruction_prompt",
     "tokenize_samples", "tokenize_sample", "TokenizedExample", "TokenizeStats", "IGNORE_INDEX",
-    "pack", "PackedRow", "PackStats", "best_fit_decreasing",
+    "pack", "pad_rows", "PackedRow", "PackStats", "best_fit_decreasing",
     "batches", "padded_batches", "collate_packed", "collate_padded", "batch_indices", "num_batches",
 ]

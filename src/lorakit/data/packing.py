@@ -113,3 +113,13 @@ def _build_row(members: list[TokenizedExample], max_seq_len: int, pad_token_id: 
         position_ids += range(padding)
         seq_lens.append(padding)
     return PackedRow(input_ids, labels, position_ids, seq_lens, padding)
+
+
+def pad_rows(examples: Sequence[TokenizedExample], max_seq_len: int, pad_token_id: int) -> tuple[list[PackedRow], PackStats]:
+    """One example per row, padded to `max_seq_len`: the no-packing baseline in the packed rows' format."""
+    too_long = [i for i, e in enumerate(examples) if len(e) > max_seq_len]
+    if too_long:
+        raise LorakitError(f"{len(too_long)} example(s) are longer than max_seq_len={max_seq_len}; truncate them when tokenizing")
+    rows = [_build_row([example], max_seq_len, pad_token_id) for example in examples]
+    tokens = sum(len(e) for e in examples)
+    return rows, PackStats(len(rows), len(examples), tokens, len(rows) * max_seq_len)
