@@ -8,7 +8,6 @@ from typing import Iterator
 import pytest
 import torch
 
-from conftest import make_tiny_llama
 from lorakit.cli import main
 
 
@@ -22,8 +21,8 @@ def single_thread() -> Iterator[None]:
 
 
 @pytest.fixture
-def tiny_dir(tmp_path: Path) -> Path:
-    make_tiny_llama().save_pretrained(tmp_path / "tiny")
+def tiny_dir(tmp_path: Path, tiny_llama: torch.nn.Module) -> Path:
+    tiny_llama.save_pretrained(tmp_path / "tiny")
     return tmp_path / "tiny"
 
 

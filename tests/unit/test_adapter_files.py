@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from conftest import make_tiny_gpt2, make_tiny_llama, randomize_lora_b
 from lorakit import LoraConfig, LorakitError, PeftModel, get_peft_model
 from lorakit.adapters import peft_format
+
+from unit_tiny import make_tiny_gpt2, make_tiny_llama, randomize_lora_b
 
 
 @pytest.fixture(autouse=True)

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny_llama, randomize_lora_b
 from lorakit import LoraConfig, LorakitError, get_peft_model
 from lorakit.lora.layer import LoraLinear, ModulesToSave
+
+from unit_tiny import make_tiny_llama, randomize_lora_b
 
 
 @pytest.fixture(autouse=True)

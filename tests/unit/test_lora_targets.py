@@ -7,9 +7,10 @@ from typing import Iterator
 import pytest
 import torch
 
-from conftest import make_tiny_gpt2, make_tiny_llama
 from lorakit import ConfigError, LoraConfig, get_peft_model
 from lorakit.lora.targets import find_targets, name_matches, resolve_all_linear
+
+from unit_tiny import make_tiny_gpt2, make_tiny_llama
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 import lorakit
-from conftest import make_tiny_gpt2, make_tiny_llama, randomize_lora_b
+
+from compat_tiny import make_tiny_gpt2, make_tiny_llama, randomize_lora_b
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 import lorakit
-from conftest import randomize_lora_b
+
+from compat_tiny import randomize_lora_b
 
 peft = pytest.importorskip("peft")
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")]
