@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -14,22 +13,13 @@ from torch import nn
 
 import lorakit
 
-from compat_tiny import randomize_lora_b
+from compat_tiny import randomize_lora_b, single_thread  # noqa: F401 (autouse fixture)
 
 peft = pytest.importorskip("peft")
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")]
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 IDS = torch.tensor([[1, 504, 3458, 314, 253, 1789, 30]])
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """One thread avoids OpenMP threads contending for 2 busy cores; the inputs here are a few tokens."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 import torch
@@ -14,16 +14,7 @@ from torch import nn
 
 import lorakit
 
-from compat_tiny import make_tiny_gpt2, make_tiny_llama, randomize_lora_b
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Tiny tensors run ~1000x faster on one thread than on OpenMP threads contending for 2 busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from compat_tiny import make_tiny_gpt2, make_tiny_llama, randomize_lora_b, single_thread  # noqa: F401 (autouse fixture)
 
 
 peft = pytest.importorskip("peft")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator
 
 import pytest
 import torch
@@ -12,14 +11,7 @@ from torch import nn
 from lorakit.errors import LorakitError
 from lorakit.lora.layer import LoraLinear, adapters_disabled
 
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Tiny tensors run ~1000x faster on one thread than on OpenMP threads contending for 2 busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from unit_tiny import single_thread  # noqa: F401 (autouse fixture)
 
 
 ATOL = 1e-5

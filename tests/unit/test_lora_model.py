@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Iterator
 
 import pytest
 import torch
@@ -11,16 +10,7 @@ from torch import nn
 from lorakit import LoraConfig, LorakitError, get_peft_model
 from lorakit.lora.layer import LoraLinear, ModulesToSave
 
-from unit_tiny import make_tiny_llama, randomize_lora_b
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Tiny tensors run ~1000x faster on one thread than on OpenMP threads contending for 2 busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from unit_tiny import make_tiny_llama, randomize_lora_b, single_thread  # noqa: F401 (autouse fixture)
 
 
 ATOL = 1e-5

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Iterator
 
 import pytest
 import torch
@@ -10,16 +9,7 @@ import torch
 from lorakit import ConfigError, LoraConfig, get_peft_model
 from lorakit.lora.targets import find_targets, name_matches, resolve_all_linear
 
-from unit_tiny import make_tiny_gpt2, make_tiny_llama
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Tiny tensors run ~1000x faster on one thread than on OpenMP threads contending for 2 busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from unit_tiny import make_tiny_gpt2, make_tiny_llama, single_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.mark.parametrize(
