@@ -13,7 +13,7 @@ from torch import nn
 
 import lorakit
 
-from compat_tiny import randomize_lora_b, single_thread  # noqa: F401 (autouse fixture)
+from tests.helpers import randomize_lora_b
 
 peft = pytest.importorskip("peft")
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")]

@@ -14,7 +14,7 @@ from torch import nn
 
 import lorakit
 
-from compat_tiny import make_tiny_gpt2, make_tiny_llama, randomize_lora_b, single_thread  # noqa: F401 (autouse fixture)
+from tests.helpers import make_tiny_gpt2, make_tiny_llama, randomize_lora_b
 
 
 peft = pytest.importorskip("peft")

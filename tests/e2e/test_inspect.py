@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 
 from lorakit.cli import main
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """One thread avoids OpenMP threads contending for 2 busy cores; the models here are tiny or see a few tokens."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

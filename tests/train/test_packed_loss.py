@@ -5,7 +5,7 @@ import torch
 from lorakit import LoraConfig, get_peft_model
 from lorakit.train.loss import causal_lm_loss_sum
 from lorakit.train.step import batch_loss_sum
-from tests.conftest import make_tiny_llama, randomize_lora_b
+from tests.helpers import make_tiny_llama, randomize_lora_b
 
 
 def _example(length: int, prompt: int, seed: int) -> tuple[list[int], list[int]]:

@@ -9,7 +9,7 @@ from lorakit import LoraConfig, get_peft_model
 from lorakit.data.packing import PackedRow
 from lorakit.train import loop
 from lorakit.train.config import TrainSection
-from tests.conftest import make_tiny_llama
+from tests.helpers import make_tiny_llama
 
 
 def _rows(n: int = 24, length: int = 32) -> list[PackedRow]:

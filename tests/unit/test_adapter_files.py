@@ -14,7 +14,7 @@ from torch import nn
 from lorakit import LoraConfig, LorakitError, PeftModel, get_peft_model
 from lorakit.adapters import peft_format
 
-from unit_tiny import make_tiny_gpt2, make_tiny_llama, randomize_lora_b, single_thread  # noqa: F401 (autouse fixture)
+from tests.helpers import make_tiny_gpt2, make_tiny_llama, randomize_lora_b
 
 
 ATOL = 1e-5

@@ -11,7 +11,6 @@ from torch import nn
 from lorakit.errors import LorakitError
 from lorakit.lora.layer import LoraLinear, adapters_disabled
 
-from unit_tiny import single_thread  # noqa: F401 (autouse fixture)
 
 
 ATOL = 1e-5

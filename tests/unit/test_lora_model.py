@@ -10,7 +10,7 @@ from torch import nn
 from lorakit import LoraConfig, LorakitError, get_peft_model
 from lorakit.lora.layer import LoraLinear, ModulesToSave
 
-from unit_tiny import make_tiny_llama, randomize_lora_b, single_thread  # noqa: F401 (autouse fixture)
+from tests.helpers import make_tiny_llama, randomize_lora_b
 
 
 ATOL = 1e-5

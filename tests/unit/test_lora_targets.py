@@ -9,7 +9,7 @@ import torch
 from lorakit import ConfigError, LoraConfig, get_peft_model
 from lorakit.lora.targets import find_targets, name_matches, resolve_all_linear
 
-from unit_tiny import make_tiny_gpt2, make_tiny_llama, single_thread  # noqa: F401 (autouse fixture)
+from tests.helpers import make_tiny_gpt2, make_tiny_llama
 
 
 @pytest.mark.parametrize(

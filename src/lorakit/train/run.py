@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from lorakit.data import load_records, pack, tokenize_samples, train_eval_split
+from lorakit.data.packing import pad_rows
 from lorakit.data.formats import Sample
 from lorakit.data.records import Records
 from lorakit.errors import LorakitError
@@ -75,7 +76,7 @@ def run_training(config: RunConfig, log=print) -> dict:
     if not train_examples:
         raise LorakitError("every training example was dropped during tokenization (nothing left to learn); check the data and max_seq_len")
     pad = tokenizer.pad_token_id
-    train_rows, pack_stats = pack(train_examples, d.max_seq_len, pad, seed=config.train.seed) if d.packing else _unpacked(train_examples, d.max_seq_len, pad)
+    train_rows, pack_stats = pack(train_examples, d.max_seq_len, pad, seed=config.train.seed) if d.packing else pad_rows(train_examples, d.max_seq_len, pad)
     eval_rows = pack(eval_examples, d.max_seq_len, pad, seed=0)[0] if eval_examples else []
     log(f"data: {len(train_examples)} train / {len(eval_examples)} eval examples; {pack_stats}")
 
@@ -109,19 +110,6 @@ def run_training(config: RunConfig, log=print) -> dict:
     log(f"adapter saved to {output_dir / 'adapter'} ({result.steps} steps, {result.tokens_per_second:.0f} tokens/s); "
         f"metrics in {output_dir / 'metrics.jsonl'}, loss curve in {output_dir / 'loss.png'}")
     return summary
-
-
-def _unpacked(examples, max_seq_len: int, pad: int):
-    """One example per row, padded to max_seq_len (packing: false) — for comparison runs."""
-    from lorakit.data.packing import PackedRow, PackStats
-
-    rows = []
-    for e in examples:
-        padding = max_seq_len - len(e)
-        rows.append(PackedRow(e.input_ids + [pad] * padding, e.labels + [-100] * padding,
-                              list(range(len(e))) + list(range(padding)), [len(e), padding] if padding else [len(e)], padding))
-    tokens = sum(len(e) for e in examples)
-    return rows, PackStats(len(rows), len(examples), tokens, len(rows) * max_seq_len)
 
 
 def load_base_model(config: RunConfig):
