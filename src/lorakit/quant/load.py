@@ -46,7 +46,22 @@ def load_quantized(path: str | os.PathLike, config: QuantConfig, device: str | t
     device_map = {"": str(torch.device(device))}
     with quiet_bitsandbytes():
         model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=bnb_config(config), device_map=device_map, **kwargs)
+    release_freed_memory()
     return model
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc only). Quantizing on load frees every
+    full-precision tensor it read, in small pieces the allocator keeps: ~0.45 GB of resident memory
+    for the 135M default model, more for larger ones."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl, ...): nothing to trim
+            pass
 
 
 def is_quantized_layer(module: nn.Module) -> bool:
