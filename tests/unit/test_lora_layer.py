@@ -173,3 +173,20 @@ def test_delete_a_merged_adapter_unmerges_it_first() -> None:
     layer.delete_adapter("default")
     torch.testing.assert_close(layer.base_layer.weight, weight, atol=1e-6, rtol=0)
     assert list(layer.lora_A) == [] and layer.active_adapters == []
+
+
+def test_autocast_path_matches_plain_path_and_trains_both_factors():
+    """Under bf16 autocast the update is fused into one addmm; it must agree with the fp32 path."""
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(32, 24))
+    layer.add_adapter("default", r=4, lora_alpha=8)
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    x = torch.randn(3, 5, 32)
+    plain = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = layer(x)
+    assert fused.dtype == torch.bfloat16 and fused.shape == plain.shape
+    torch.testing.assert_close(fused.float(), plain, rtol=2e-2, atol=2e-2)
+    fused.float().sum().backward()
+    assert layer.lora_A["default"].weight.grad.abs().sum() > 0
+    assert layer.lora_B["default"].weight.grad.abs().sum() > 0

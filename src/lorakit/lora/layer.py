@@ -130,15 +130,20 @@ class LoraLinear(nn.Module):
                 self.unmerge()
             return self.base_layer(x)
         result = self.base_layer(x)
+        autocast = torch.is_autocast_enabled(x.device.type)
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
-            lora_a = self.lora_A[name]
-            # Under autocast the matmul picks its own dtype; casting x to fp32 first would only add copies.
-            x_lora = x if torch.is_autocast_enabled(x.device.type) else x.to(lora_a.weight.dtype)
-            x_lora = self.lora_dropout[name](x_lora)
-            update = self.lora_B[name](lora_a(x_lora)) * self.scaling[name]
-            result = result + update.to(result.dtype)
+            lora_a, lora_b, scaling = self.lora_A[name], self.lora_B[name], self.scaling[name]
+            if autocast:
+                # One addmm adds x A^T (s B)^T onto the base output: no separate scale and add passes
+                # over the (tokens, out) result, forward or backward. Autocast picks bf16 for all three.
+                xa = lora_a(self.lora_dropout[name](x))  # (..., r)
+                flat = torch.addmm(result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]), (lora_b.weight * scaling).T)
+                result = flat.view(result.shape)
+            else:
+                x_lora = self.lora_dropout[name](x.to(lora_a.weight.dtype))
+                result = result + (lora_b(lora_a(x_lora)) * scaling).to(result.dtype)
         return result
 
     def extra_repr(self) -> str:
