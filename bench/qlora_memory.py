@@ -106,10 +106,11 @@ def child_train(args: argparse.Namespace) -> dict:
     if args.quant == "bf16":
         model = load_model(args.model_dir, dtype=torch.bfloat16)
         if args.checkpointing == "on":
-            prepare_model_for_kbit_training(model)
+            prepare_model_for_kbit_training(model, checkpoint_every_n_layers=args.checkpoint_every)
     else:
         model = load_model(args.model_dir, quantization=args.quant)
-        prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.checkpointing != "off")
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.checkpointing != "off",
+                                        checkpoint_every_n_layers=args.checkpoint_every)
     weights = linear_weight_bytes(model)
     targets = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
     model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=targets, task_type="CAUSAL_LM"))
@@ -291,7 +292,7 @@ def train_configs(model_dir: str, args: argparse.Namespace) -> list[dict]:
     results = []
     for quant in args.configs:
         checkpointing = args.checkpointing if args.checkpointing != "auto" else ("on" if quant != "bf16" else "off")
-        argv = ["--child", "train", "--model-dir", model_dir, "--quant", quant, "--checkpointing", checkpointing,
+        argv = ["--child", "train", "--model-dir", model_dir, "--quant", quant, "--checkpointing", checkpointing, "--checkpoint-every", str(args.checkpoint_every),
                 "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
                 "--r", str(args.r), "--target-modules", *args.target_modules]
         print(f"  running {quant} (checkpointing {checkpointing}) ...", flush=True)
@@ -364,6 +365,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--configs", nargs="+", default=["bf16", "nf4"], help="bf16 | nf4 | fp4 | int8 (default bf16 nf4)")
     parser.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"],
                         help="auto: on for quantized bases (prepare_model_for_kbit_training), off for bf16")
+    parser.add_argument("--checkpoint-every", type=int, default=1, help="checkpoint every n-th decoder layer (default 1: all)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--batch", type=int, default=4)

@@ -53,6 +53,11 @@ def test_prepare_freezes_upcasts_norms_and_keeps_activations_bf16(model_dir):
     assert seen["dtype"] == torch.bfloat16
 
 
+def test_checkpointing_every_other_layer(model_dir):
+    model = prepare_model_for_kbit_training(load_model(model_dir, quantization="nf4"), checkpoint_every_n_layers=2)
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, False]
+
+
 def train_steps(model, optimizer, steps: int, seed: int) -> None:
     """Every step must reach every adapter: a missing or all-zero gradient fails at once (lora_A's
     gradient is B^T-weighted, so it is legitimately zero while B still holds its zero init)."""

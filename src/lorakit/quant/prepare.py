@@ -29,6 +29,7 @@ def prepare_model_for_kbit_training(
     model: nn.Module,
     use_gradient_checkpointing: bool = True,
     gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+    checkpoint_every_n_layers: int = 1,
     **_: Any,
 ) -> nn.Module:
     """Ready a quantized base for LoRA training, in place; returns `model` (peft's signature).
@@ -38,6 +39,8 @@ def prepare_model_for_kbit_training(
         use_gradient_checkpointing: recompute each decoder layer in backward instead of keeping its
             activations (slower by about one forward pass, much smaller).
         gradient_checkpointing_kwargs: passed to torch.utils.checkpoint; default {"use_reentrant": False}.
+        checkpoint_every_n_layers: checkpoint only every n-th decoder layer (lorakit's addition): the
+            others keep their activations, trading memory back for speed (n=2 recomputes half the layers).
     """
     for name, param in model.named_parameters():
         if not any(part in f".{name}" for part in ADAPTER_PARTS):
@@ -45,7 +48,7 @@ def prepare_model_for_kbit_training(
     upcast_norms(model)
     keep_4bit_trainable(model)
     if use_gradient_checkpointing:
-        enable_checkpointing(_transformers_model(model), gradient_checkpointing_kwargs)
+        enable_checkpointing(_transformers_model(model), gradient_checkpointing_kwargs, checkpoint_every_n_layers)
     return model
 
 
@@ -80,18 +83,19 @@ def _output_in_input_dtype(module: nn.Module, args: tuple, output: Any) -> Any:
     return output
 
 
-def enable_checkpointing(model: nn.Module, kwargs: dict[str, Any] | None = None) -> None:
+def enable_checkpointing(model: nn.Module, kwargs: dict[str, Any] | None = None, every_n_layers: int = 1) -> None:
     """Activation checkpointing per decoder layer, with input gradients on so adapters in the first
     layer still get a gradient under reentrant checkpointing."""
     kwargs = {"use_reentrant": False} if kwargs is None else dict(kwargs)
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
+    elif hasattr(model, "gradient_checkpointing_enable") and every_n_layers == 1:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
-        raise TypeError(f"{type(model).__name__} has no gradient checkpointing; pass use_gradient_checkpointing=False")
+        raise TypeError(f"{type(model).__name__} has no (per-n-layers) gradient checkpointing; pass use_gradient_checkpointing=False "
+                        "or checkpoint_every_n_layers=1")
     if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # a KV cache is useless in training and conflicts with checkpointing
 
