@@ -1,8 +1,8 @@
 """Cross-entropy over the output head without ever holding the full logits.
 
 The head (576 x 49,152 for the default model) is frozen, so the gradient with respect to the hidden
-states can be computed in the forward pass, chunk by chunk: logits for 1,024 positions are 200 MB in
-fp32 instead of 400 MB per 512-token row, and backward has no matmul left to redo. Only positions with
+states can be computed in the forward pass, chunk by chunk: logits for 512 positions are 100 MB in
+fp32, against 400 MB for each 512-token row in full, and backward has no matmul left to redo. Only positions with
 a label take part, so prompt tokens cost nothing here."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def head_weight(head: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def causal_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk: int = 1024) -> tuple[torch.Tensor, int]:
+def causal_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk: int = 512) -> tuple[torch.Tensor, int]:
     """Summed next-token loss over labelled positions, and how many there were.
 
     hidden: (B, T, C) final hidden states; labels: (B, T) with IGNORE_INDEX where no loss is taken."""

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lorakit.train.attention import SEQ_LENS_KWARG, packed_attention_enabled
+from lorakit.train.fused import lean_blocks
 from lorakit.train.loss import causal_lm_loss_sum
 
 
@@ -20,11 +21,11 @@ def batch_loss_sum(model: nn.Module, batch: dict, bf16: bool = True) -> tuple[to
     """Summed loss over the batch's labelled tokens, and their count.
 
     Runs the decoder for hidden states (B, T, C), then the chunked head loss: the full (B, T, V)
-    logits never exist."""
+    logits never exist. Norms and MLPs run on lorakit's lean kernels (train/fused.py)."""
     hf_model = transformers_model(model)
     decoder = getattr(hf_model, hf_model.base_model_prefix)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
-    with autocast, packed_attention_enabled(hf_model):
+    with autocast, packed_attention_enabled(hf_model), lean_blocks(hf_model):
         hidden = decoder(
             input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
             **{SEQ_LENS_KWARG: batch["seq_lens"]},

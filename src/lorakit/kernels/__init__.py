@@ -1,0 +1,1 @@
+"""Memory-lean replacements for hot blocks of the decoder, each with a plain-PyTorch twin as oracle."""

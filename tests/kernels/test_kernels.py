@@ -1,0 +1,60 @@
+"""The lean kernels against their plain-PyTorch twins: same outputs, same input gradients."""
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+from lorakit import LoraConfig, get_peft_model
+from lorakit.kernels.rms_norm import reference_rms_norm, rms_norm
+from lorakit.kernels.swiglu import swiglu
+from lorakit.train.fused import lean_blocks
+from tests.helpers import make_tiny_llama, randomize_lora_b
+
+
+def _grads(fn, *inputs):
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out).to(out.dtype))
+    return out.detach(), [t.grad for t in inputs]
+
+
+def test_rms_norm_matches_llama_rms_norm_in_fp32():
+    torch.manual_seed(0)
+    x, weight = torch.randn(3, 7, 16), torch.rand(16) + 0.5
+    norm = LlamaRMSNorm(16, eps=1e-6)
+    norm.weight.data.copy_(weight)
+    out, (grad,) = _grads(lambda t: rms_norm(t, weight, 1e-6), x)
+    ref, (ref_grad,) = _grads(norm, x)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, reference_rms_norm(x, weight, 1e-6))
+
+
+def test_swiglu_matches_silu_times_up():
+    torch.manual_seed(0)
+    gate, up = torch.randn(4, 9), torch.randn(4, 9)
+    out, grads = _grads(swiglu, gate, up)
+    ref, ref_grads = _grads(lambda a, b: F.silu(a) * b, gate, up)
+    torch.testing.assert_close(out, ref)
+    for mine, theirs in zip(grads, ref_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_lean_blocks_swap_every_norm_and_mlp_and_keep_the_model_exact():
+    model = get_peft_model(make_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"]))
+    randomize_lora_b(model)
+    ids = torch.randint(0, 128, (2, 12))
+    expected = model(input_ids=ids).logits
+    expected.sum().backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    norms = sum(isinstance(m, LlamaRMSNorm) for m in model.modules())
+    mlps = sum(isinstance(m, LlamaMLP) for m in model.modules())
+    with lean_blocks(model) as swapped:
+        assert swapped == norms + mlps
+        got = model(input_ids=ids).logits
+        got.sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-5)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # swapped back
