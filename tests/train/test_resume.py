@@ -81,3 +81,10 @@ def test_training_lowers_the_loss_and_writes_outputs(tmp_path):
         assert (tmp_path / name).is_file(), name
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_loss" in r and "eval_perplexity" in r for r in records)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
+    rows = _rows(8)
+    plain = loop.train(_model(), rows, [], _cfg(tmp_path / "a", max_steps=3, save_steps=0), log=lambda *_: None)
+    checkpointed = loop.train(_model(), rows, [], _cfg(tmp_path / "b", max_steps=3, save_steps=0, gradient_checkpointing=True), log=lambda *_: None)
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)

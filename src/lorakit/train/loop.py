@@ -19,6 +19,8 @@ from lorakit.train.malloc import return_large_frees_to_os
 from lorakit.train.metrics import MetricsLog, plot_losses
 from lorakit.train.optim import build_optimizer
 from lorakit.train.schedule import lr_at, warmup_steps_for
+from lorakit.train.attention import packed_attention_enabled
+from lorakit.train.fused import lean_blocks
 from lorakit.train.step import batch_loss_sum, evaluate_loss, transformers_model, useful_tokens
 
 
@@ -92,9 +94,37 @@ def train(
     else:
         torch.manual_seed(cfg.seed)
     metrics = MetricsLog(output_dir, resume_step=progress.step if resume else None)
+    hf_model = transformers_model(model)
     if cfg.gradient_checkpointing:
-        transformers_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from lorakit.quant.prepare import enable_checkpointing
+
+        enable_checkpointing(hf_model)
     model.train()
+    # Held for the whole run, not just each forward: checkpointed layers recompute during backward
+    # and must take the same attention and kernel paths as the first time.
+    run = _Run(model, optimizer, params, cfg, progress, steps, warmup, metrics, log)
+    with packed_attention_enabled(hf_model), lean_blocks(hf_model):
+        return _run_steps(run, train_rows, eval_rows)
+
+
+@dataclass
+class _Run:
+    """What one training run carries from step to step."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    cfg: TrainSection
+    progress: Progress
+    steps: int
+    warmup: int
+    metrics: MetricsLog
+    log: Callable[[str], None]
+
+
+def _run_steps(run: _Run, train_rows: Sequence[PackedRow], eval_rows: Sequence[PackedRow]) -> TrainResult:
+    model, optimizer, params, cfg, progress, steps, metrics = run.model, run.optimizer, run.params, run.cfg, run.progress, run.steps, run.metrics
+    output_dir = Path(cfg.output_dir)
 
     stream = micro_batches(train_rows, cfg, progress)
     bar = tqdm(total=steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True)
@@ -105,7 +135,7 @@ def train(
     try:
         while progress.step < steps:
             started = time.perf_counter()
-            lr = lr_at(progress.step, cfg.learning_rate, steps, warmup, cfg.lr_scheduler_type)
+            lr = lr_at(progress.step, cfg.learning_rate, steps, run.warmup, cfg.lr_scheduler_type)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_loss, step_tokens = _optimizer_step(model, optimizer, params, stream, cfg, progress)
@@ -127,7 +157,7 @@ def train(
         interrupted = True
         bar.close()
         path = save_checkpoint(checkpoint_dir(output_dir, progress.step), model, optimizer, progress, {"total_steps": steps})
-        log(f"interrupted: checkpoint at {path}; continue with --resume_from_checkpoint latest")
+        run.log(f"interrupted: checkpoint at {path}; continue with --resume_from_checkpoint latest")
     bar.close()
     if not interrupted:
         if eval_rows:
