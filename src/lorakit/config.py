@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from lorakit.errors import ConfigError
@@ -142,4 +142,4 @@ def replace(config: LoraConfig, **changes: Any) -> LoraConfig:
     return dataclasses.replace(config, **changes)
 
 
-__all__ = ["LoraConfig", "TaskType", "BIAS_MODES", "replace", "field"]
+__all__ = ["LoraConfig", "TaskType", "BIAS_MODES", "replace"]
