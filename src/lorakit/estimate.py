@@ -12,9 +12,12 @@ What the columns assume (lorakit's training step, on the CPU):
   qlora  frozen base NF4 + double quantization (norms fp32, rest bf16), adapters as in lora;
          activation checkpointing per decoder layer (prepare_model_for_kbit_training's default).
 The head loss is lorakit's chunked one (1,024 positions at a time, the full logits never exist).
-Peak = framework + weights + optimizer state + max(activations at the end of the forward,
-gradients at the end of the backward). Measured peaks on the CPU (bench/qlora_memory.py) land within
-~25%; the allocator's fragmentation is the main thing not modelled.
+Training peak = framework + weights + optimizer state + max(activations at the end of the forward,
+gradients at the end of the backward). Loading peak = framework + the checkpoint's pages (read through
+a memory map) + what is built from them; quantizing on load touches the whole file, so for QLoRA on a
+bf16 checkpoint the loading peak can be the process's peak. Measured on the CPU
+(bench/qlora_memory.py) the estimates land within ~25%; glibc's heap retention is the main thing
+modelled only roughly.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ from lorakit.errors import LorakitError
 FRAMEWORK_BYTES = 450_000_000
 """Resident memory of a Python process with torch, transformers and bitsandbytes imported (CPU)."""
 LOSS_CHUNK = 1024
+RECOMPUTE_FACTOR = 4
+"""Under checkpointing, backward holds a recomputed layer's saved tensors, their gradients and the
+recompute's own temporaries (dequantized weights), which glibc's heap keeps around between layers:
+measured on the CPU at about 4x the layer's saved tensors (135M and 1.1B Llamas, nf4, 4 x 512)."""
 NF4_BLOCK, NF4_SCALE_BLOCK = 64, 256
 
 
@@ -49,11 +56,23 @@ class Column:
     activations: int
     checkpointing: bool
     saved_file: int
+    loading: int
+    """Resident memory while the base loads: the checkpoint file's pages, read through a memory map,
+    plus whatever is built from them (a cast or quantized copy)."""
     framework: int = FRAMEWORK_BYTES
 
     @property
-    def peak_bytes(self) -> int:
+    def training_peak(self) -> int:
         return self.framework + self.weights + self.optimizer + max(self.activations, self.gradients)
+
+    @property
+    def loading_peak(self) -> int:
+        return self.framework + self.loading
+
+    @property
+    def peak_bytes(self) -> int:
+        """The process's peak resident memory: the larger of loading and training."""
+        return max(self.training_peak, self.loading_peak)
 
 
 @dataclass
@@ -80,7 +99,9 @@ class Estimate:
             ("optimizer state (AdamW)", [human(c.optimizer) for c in cols]),
             ("activations (batch)", [human(c.activations) + (" (ckpt)" if c.checkpointing else "") for c in cols]),
             ("framework", [human(c.framework) for c in cols]),
-            ("peak memory", [human(c.peak_bytes) for c in cols]),
+            ("peak while training", [human(c.training_peak) for c in cols]),
+            ("peak while loading", [human(c.loading_peak) for c in cols]),
+            ("**peak memory**", [f"**{human(c.peak_bytes)}**" for c in cols]),
             ("saved on disk", [human(c.saved_file) for c in cols]),
         ]
         lines = [
@@ -265,6 +286,13 @@ def _packed_attention(model: nn.Module, batch: int, seq_len: int):
     return {SEQ_LENS_KWARG: [[seq_len]] * batch}, packed_attention_enabled(model)
 
 
+def checkpoint_bytes_per_param(config) -> int:
+    """Bytes per parameter of the checkpoint on disk, from config.json's dtype (fp32 when unstated)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    name = str(dtype).replace("torch.", "")
+    return {"float32": 4, "bfloat16": 2, "float16": 2}.get(name, 4)
+
+
 def head_loss_bytes(tokens: int, hidden: int, vocab: int) -> int:
     """lorakit's chunked head loss: the selected hidden states and their gradient (bf16), and one chunk
     of logits in fp32 together with logsumexp's fp32 temporary of the same size."""
@@ -292,6 +320,7 @@ def estimate(
     from lorakit.lora.targets import find_targets, output_head_names
 
     config = load_config(model)
+    stored = checkpoint_bytes_per_param(config)  # before meta_model, which sets config.dtype to bf16
     net = meta_model(config)
     targets = list(target_modules) if not isinstance(target_modules, str) else target_modules
     lora_paths = find_targets(net, LoraConfig(r=r, target_modules=targets))
@@ -308,8 +337,8 @@ def estimate(
     hidden_state = tokens * config.hidden_size * 2
 
     def activations(per_layer: list[int], outside: int, checkpointing: bool) -> int:
-        if checkpointing:  # each layer keeps its input; one layer is live again in backward
-            return len(per_layer) * hidden_state + max(per_layer) + outside + head
+        if checkpointing:  # each layer keeps its input; one layer at a time is recomputed in backward
+            return len(per_layer) * hidden_state + RECOMPUTE_FACTOR * max(per_layer) + outside + head
         return sum(per_layer) + outside + head
 
     lora_act = activations(per_layer, outside, lora_checkpointing)
@@ -324,12 +353,18 @@ def estimate(
 
     adapter_file = lora_params * adapter_bytes
     moments = 2 * adapter_file  # AdamW keeps two moments in the adapters' dtype
+    def loading(bytes_per_param: int | None, built: int) -> int:
+        # the same dtype is used in place from the memory map, paged in during training (and counted
+        # there); anything else is built beside the file's pages, which are all read
+        return 0 if bytes_per_param == stored else stored * total + built
+
     columns = {
-        "full": Column("full fine-tuning", total, 4 * total, 4 * total, 8 * total, full_act, False, formats["bf16"]),
+        "full": Column("full fine-tuning", total, 4 * total, 4 * total, 8 * total, full_act, False, formats["bf16"],
+                       loading(4, 4 * total)),
         "lora": Column("LoRA (bf16 base)", lora_params, formats["bf16"] + adapter_file, adapter_file, moments,
-                       lora_act, lora_checkpointing, adapter_file),
+                       lora_act, lora_checkpointing, adapter_file, loading(2, formats["bf16"])),
         "qlora": Column("QLoRA (nf4 base)", lora_params, formats["nf4+dq"] + adapter_file, adapter_file, moments,
-                        qlora_act, qlora_checkpointing, adapter_file),
+                        qlora_act, qlora_checkpointing, adapter_file, loading(None, formats["nf4+dq"])),
     }
     notes = [
         "full: fp32 weights + fp32 gradients + AdamW moments (16 bytes per parameter), bf16 autocast; saved file = the model in bf16",

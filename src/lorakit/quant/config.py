@@ -120,7 +120,9 @@ class QuantConfig:
 def platform_problems(config: QuantConfig, device: str | torch.device | None = None) -> list[str]:
     """Why `config` cannot run here, if it cannot: bitsandbytes missing or a device it has no kernels for."""
     try:
-        import bitsandbytes  # noqa: F401
+        from lorakit.quant.load import import_bitsandbytes
+
+        import_bitsandbytes()
     except Exception as err:  # ImportError, or a broken native library
         return [f"quantization: {config.quantization} needs bitsandbytes, which failed to import ({err}); run `pip install 'bitsandbytes>=0.50'`"]
     kind = torch.device(device).type if device is not None else "cpu"

@@ -46,8 +46,25 @@ def load_quantized(path: str | os.PathLike, config: QuantConfig, device: str | t
     device_map = {"": str(torch.device(device))}
     with quiet_bitsandbytes():
         model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=bnb_config(config), device_map=device_map, **kwargs)
+    own_unquantized_tensors(model)
     release_freed_memory()
     return model
+
+
+def own_unquantized_tensors(model: nn.Module) -> None:
+    """Copy the layers left unquantized out of the checkpoint's memory map.
+
+    When the checkpoint already holds the compute dtype, transformers hands those tensors out as views
+    of the mmapped safetensors file; they keep the whole mapping alive, and every page quantization
+    read stays resident: 2.1 GB of a 2.2 GB file for a 1.1B model whose quantized weights take 0.5 GB."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if type(param).__name__ not in ("Params4bit", "Int8Params") and param.is_floating_point():
+                param.data = param.data.clone()
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.is_floating_point():
+                    module._buffers[name] = buffer.clone()
 
 
 def release_freed_memory() -> None:
