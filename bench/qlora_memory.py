@@ -239,8 +239,27 @@ def child_merge(args: argparse.Namespace) -> dict:
     report = merge_to_directory(args.model_dir, adapter, work / "merged-nf4", requantize="nf4", prompts=PROBE_PROMPTS)
     result["lorakit_requantize_nf4"] = {"max": report.error.max_abs, "mean": report.error.mean_abs}
 
-    import peft
+    # Exactness of the merge itself, without bf16 compute noise on either side: the same nf4 codes,
+    # computed in fp32 unmerged, against the fp32 merged model.
     from transformers import AutoModelForCausalLM
+
+    from lorakit.lora.model import LoraModel
+
+    base32 = load_model(args.model_dir, quantization="nf4")
+    keep_4bit_trainable(base32)
+    for module in base32.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.compute_dtype = torch.float32
+    for param in base32.parameters():
+        if type(param).__name__ != "Params4bit":
+            param.data = param.data.float()
+    reference32 = prompt_logits(LoraModel.from_pretrained(base32, adapter), probes)
+    merged32 = AutoModelForCausalLM.from_pretrained(str(work / "merged-fp32"), dtype=torch.float32)
+    error = logit_error(reference32, prompt_logits(merged32, probes))
+    result["lorakit_dense_fp32_vs_fp32_unmerged"] = {"max": error.max_abs, "mean": error.mean_abs}
+    del base32, merged32
+
+    import peft
 
     from lorakit.models.load import resolve_model_dir
     from lorakit.quant.load import bnb_config
@@ -354,10 +373,12 @@ def report_training(title: str, results: list[dict], predicted: dict | None) -> 
 def report_merge(result: dict) -> list[str]:
     lines = ["\n## Merge quality (default model, nf4 base, adapter trained on the repo's docs)",
              f"adapter training loss: {result['train_losses'][0]:.3f} -> {result['train_losses'][-1]:.3f}; "
-             f"{result['probe_tokens']} probe tokens; reference: lorakit's unmerged model on the nf4 base", "",
+             f"{result['probe_tokens']} probe tokens; reference: lorakit's unmerged model on the nf4 base (bf16 compute, as trained),",
+             "so a merged model evaluated in fp32 also differs by the reference's own bf16 rounding", "",
              "| merged model | max abs logit diff | mean abs |", "|---|---|---|"]
     names = {"lorakit_dense_bf16": "lorakit: dequantize + merge in fp32, write bf16",
              "lorakit_dense_fp32": "lorakit: dequantize + merge in fp32, write fp32",
+             "lorakit_dense_fp32_vs_fp32_unmerged": "lorakit fp32 merge vs the unmerged model computed in fp32 (merge exactness)",
              "lorakit_requantize_nf4": "lorakit --requantize nf4",
              "peft_merge_and_unload": "peft merge_and_unload (re-quantizes to nf4)",
              "peft_unmerged_vs_lorakit_unmerged": "(noise floor: peft unmerged vs lorakit unmerged)"}
