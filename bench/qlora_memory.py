@@ -121,6 +121,13 @@ def child_train(args: argparse.Namespace) -> dict:
     load_peak, after_load = proc_status("VmHWM"), proc_status("VmRSS")
     reset_ok = reset_peak_rss()
 
+    if args.malloc == "lorakit":
+        try:  # what `lorakit train` does before its first step
+            from lorakit.train.malloc import return_large_frees_to_os
+
+            return_large_frees_to_os()
+        except ImportError:
+            pass
     step_fn, step_name = training_step(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -139,7 +146,7 @@ def child_train(args: argparse.Namespace) -> dict:
             times.append(elapsed)
     tokens = args.batch * args.seq_len
     return {
-        "config": args.quant, "checkpointing": args.checkpointing, "step": step_name, "threads": torch.get_num_threads(),
+        "config": args.quant, "checkpointing": args.checkpointing, "malloc": args.malloc, "step": step_name, "threads": torch.get_num_threads(),
         "load_s": load_s, "linear_weight_bytes": weights["held"], "linear_weight_bytes_bf16": weights["bf16"],
         "trainable_params": trainable, "rss_after_load": after_load, "load_peak_rss": load_peak,
         "train_peak_rss": proc_status("VmHWM") if reset_ok else None, "peak_reset": reset_ok,
@@ -313,7 +320,7 @@ def train_configs(model_dir: str, args: argparse.Namespace) -> list[dict]:
     results = []
     for quant in args.configs:
         checkpointing = args.checkpointing if args.checkpointing != "auto" else ("on" if quant != "bf16" else "off")
-        argv = ["--child", "train", "--model-dir", model_dir, "--quant", quant, "--checkpointing", checkpointing, "--checkpoint-every", str(args.checkpoint_every),
+        argv = ["--child", "train", "--model-dir", model_dir, "--quant", quant, "--checkpointing", checkpointing, "--checkpoint-every", str(args.checkpoint_every), "--malloc", args.malloc,
                 "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
                 "--r", str(args.r), "--target-modules", *args.target_modules]
         print(f"  running {quant} (checkpointing {checkpointing}) ...", flush=True)
@@ -347,7 +354,7 @@ def child_resolve(args: argparse.Namespace) -> dict:
 
 
 def report_training(title: str, results: list[dict], predicted: dict | None) -> list[str]:
-    lines = [f"\n## {title}", f"step: {results[0]['step']}; threads: {results[0]['threads']}", "",
+    lines = [f"\n## {title}", f"step: {results[0]['step']}; threads: {results[0]['threads']}; allocator: {results[0]['malloc']}", "",
              "| config | ckpt | linear weights | vs bf16 | useful tokens/s | load peak RSS | train peak RSS | process peak | estimate (load / train / process) |",
              "|---|---|---|---|---|---|---|---|---|"]
     by_name = {r["config"]: r for r in results}
@@ -394,6 +401,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"],
                         help="auto: on for quantized bases (prepare_model_for_kbit_training), off for bf16")
     parser.add_argument("--checkpoint-every", type=int, default=1, help="checkpoint every n-th decoder layer (default 1: all)")
+    parser.add_argument("--malloc", default="lorakit", choices=["lorakit", "glibc"],
+                        help="lorakit: fix glibc's mmap threshold as `lorakit train` does; glibc: leave the allocator alone")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--batch", type=int, default=4)

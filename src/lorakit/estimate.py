@@ -11,7 +11,7 @@ What the columns assume (lorakit's training step, on the CPU):
   lora   frozen base in bf16, adapters (and their gradients, moments) in fp32; no checkpointing.
   qlora  frozen base NF4 + double quantization (norms fp32, rest bf16), adapters as in lora;
          activation checkpointing per decoder layer (prepare_model_for_kbit_training's default).
-The head loss is lorakit's chunked one (1,024 positions at a time, the full logits never exist).
+The head loss is lorakit's chunked one (512 positions at a time, the full logits never exist).
 Training peak = framework + weights + optimizer state + max(activations at the end of the forward,
 gradients at the end of the backward). Loading peak = framework + the checkpoint's pages (read through
 a memory map) + what is built from them; quantizing on load touches the whole file, so for QLoRA on a
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -278,12 +278,21 @@ def _flash_attention_on_meta(device: str) -> Iterator[None]:
 
 
 def _packed_attention(model: nn.Module, batch: int, seq_len: int):
-    """lorakit's training attention when it is there (one flash call per packed example)."""
+    """lorakit's training attention (one flash call per packed example) and lean norm / MLP kernels,
+    as its training step uses them, when they are there."""
     try:
         from lorakit.train.attention import SEQ_LENS_KWARG, packed_attention_enabled
     except ImportError:
         return {}, nullcontext()
-    return {SEQ_LENS_KWARG: [[seq_len]] * batch}, packed_attention_enabled(model)
+    try:
+        from lorakit.train.fused import lean_blocks
+    except ImportError:
+        lean_blocks = None
+    context = ExitStack()
+    context.enter_context(packed_attention_enabled(model))
+    if lean_blocks is not None:
+        context.enter_context(lean_blocks(model))
+    return {SEQ_LENS_KWARG: [[seq_len]] * batch}, context
 
 
 def checkpoint_bytes_per_param(config) -> int:
@@ -293,10 +302,22 @@ def checkpoint_bytes_per_param(config) -> int:
     return {"float32": 4, "bfloat16": 2, "float16": 2}.get(name, 4)
 
 
+def loss_chunk() -> int:
+    """Positions per chunk of lorakit's head loss (its default argument), LOSS_CHUNK without it."""
+    try:
+        import inspect
+
+        from lorakit.train.loss import causal_lm_loss_sum
+
+        return int(inspect.signature(causal_lm_loss_sum).parameters["chunk"].default)
+    except (ImportError, KeyError, TypeError, ValueError):
+        return LOSS_CHUNK
+
+
 def head_loss_bytes(tokens: int, hidden: int, vocab: int) -> int:
     """lorakit's chunked head loss: the selected hidden states and their gradient (bf16), and one chunk
     of logits in fp32 together with logsumexp's fp32 temporary of the same size."""
-    chunk = min(LOSS_CHUNK, tokens)
+    chunk = min(loss_chunk(), tokens)
     return 2 * tokens * hidden * 2 + chunk * vocab * (4 + 4)
 
 

@@ -51,20 +51,45 @@ def load_quantized(path: str | os.PathLike, config: QuantConfig, device: str | t
     return model
 
 
-def own_unquantized_tensors(model: nn.Module) -> None:
-    """Copy the layers left unquantized out of the checkpoint's memory map.
+def own_unquantized_tensors(model: nn.Module) -> int:
+    """Copy the layers left unquantized out of the checkpoint's memory map; returns how many.
 
     When the checkpoint already holds the compute dtype, transformers hands those tensors out as views
     of the mmapped safetensors file; they keep the whole mapping alive, and every page quantization
-    read stays resident: 2.1 GB of a 2.2 GB file for a 1.1B model whose quantized weights take 0.5 GB."""
+    read stays resident: 2.1 GB of a 2.2 GB file for a 1.1B model whose quantized weights take 0.5 GB.
+    Only tensors inside such a mapping are copied (copying the others would just raise the peak)."""
+    mapped = _safetensors_mappings()
+    if not mapped:
+        return 0
+    copied = 0
     with torch.no_grad():
         for param in model.parameters():
-            if type(param).__name__ not in ("Params4bit", "Int8Params") and param.is_floating_point():
+            if type(param).__name__ not in ("Params4bit", "Int8Params") and _inside(param, mapped):
                 param.data = param.data.clone()
+                copied += 1
         for module in model.modules():
             for name, buffer in module._buffers.items():
-                if buffer is not None and buffer.is_floating_point():
+                if buffer is not None and _inside(buffer, mapped):
                     module._buffers[name] = buffer.clone()
+                    copied += 1
+    return copied
+
+
+def _safetensors_mappings() -> list[tuple[int, int]]:
+    """Address ranges of memory-mapped .safetensors files in this process (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = [line.split() for line in maps if ".safetensors" in line]
+    except OSError:
+        return []
+    return [tuple(int(a, 16) for a in fields[0].split("-")) for fields in lines]
+
+
+def _inside(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    if tensor.device.type != "cpu" or tensor.numel() == 0:
+        return False
+    address = tensor.untyped_storage().data_ptr()
+    return any(start <= address < end for start, end in ranges)
 
 
 def release_freed_memory() -> None:

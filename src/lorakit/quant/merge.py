@@ -65,7 +65,7 @@ class MergeReport:
         stored = self.requantized.describe() if self.requantized else str(self.dtype).replace("torch.", "")
         out = [f"merged model written to {self.out_dir} ({stored}; base was {self.base.describe()})"]
         if self.error is not None:
-            what = f"error introduced by re-quantizing to {self.requantized.quantization}" if self.requantized else "merge error"
+            what = f"error introduced by re-quantizing to {self.requantized.quantization}" if self.requantized else "logit difference"
             out.append(f"{what}: {self.error} (against the unmerged model)")
         return out + self.notes
 
