@@ -81,10 +81,7 @@ def run_child(kind: str, steps: int) -> dict:
     data = examples(400)
     torch.manual_seed(0)
     if kind == "d":
-        from lorakit.train.malloc import return_large_frees_to_os
         from lorakit.train.step import batch_loss_sum
-
-        return_large_frees_to_os()  # as lorakit.train.loop.train does
 
         model = lorakit.get_peft_model(load_model("default", dtype="bfloat16"), lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
         stream = lorakit_batches(data, 2)

@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 from lorakit.data import PackedRow, batches
 from lorakit.train.checkpoint import Progress, checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from lorakit.train.config import TrainSection
-from lorakit.train.malloc import return_large_frees_to_os
 from lorakit.train.metrics import MetricsLog, plot_losses
 from lorakit.train.optim import build_optimizer
 from lorakit.train.schedule import lr_at, warmup_steps_for
@@ -80,7 +79,6 @@ def train(
     """Train the active adapter of `model` (a LoraModel) on packed rows; the adapter ends up in
     `cfg.output_dir/adapter`."""
     output_dir = Path(cfg.output_dir)
-    return_large_frees_to_os()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optim, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     steps = total_steps(len(train_rows), cfg)
