@@ -39,8 +39,8 @@ FRAMEWORK_BYTES = 450_000_000
 LOSS_CHUNK = 1024
 RECOMPUTE_FACTOR = 4
 """Under checkpointing, backward holds a recomputed layer's saved tensors, their gradients and the
-recompute's own temporaries (dequantized weights), which glibc's heap keeps around between layers:
-measured on the CPU at about 4x the layer's saved tensors (135M and 1.1B Llamas, nf4, 4 x 512)."""
+recompute's own temporaries (dequantized weights, fp32 gradient buffers) at once: fitted on the CPU to
+measured peaks (135M and 1.1B Llamas, nf4, 4 x 512, lorakit train's allocator setting)."""
 NF4_BLOCK, NF4_SCALE_BLOCK = 64, 256
 
 
