@@ -11,7 +11,7 @@ from lorakit.errors import LorakitError
 from lorakit.models.load import load_model
 from lorakit.quant.dequant import dense_weight
 from lorakit.quant.guard import ensure_4bit_trainable, find_repacked_4bit, is_repacked, keep_4bit_trainable
-from qhelpers import save_tiny_llama
+from tests.quant.qhelpers import save_tiny_llama
 
 
 @pytest.fixture(scope="module")

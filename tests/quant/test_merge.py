@@ -13,7 +13,7 @@ import torch
 from lorakit import LoraConfig, get_peft_model, load_model, prepare_model_for_kbit_training
 from lorakit.quant.config import QuantConfig
 from lorakit.quant.merge import merge_to_directory, read_quant_record, write_quant_record
-from qhelpers import adapter_params, batch, save_tiny_llama
+from tests.quant.qhelpers import adapter_params, batch, save_tiny_llama
 
 
 @pytest.fixture(scope="module")

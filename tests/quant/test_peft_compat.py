@@ -8,7 +8,7 @@ import torch
 from lorakit import LoraConfig, get_peft_model, load_model, prepare_model_for_kbit_training
 from lorakit.quant.load import bnb_config
 from lorakit.quant.config import QuantConfig
-from qhelpers import adapter_params, batch, save_tiny_llama
+from tests.quant.qhelpers import adapter_params, batch, save_tiny_llama
 
 peft = pytest.importorskip("peft")
 

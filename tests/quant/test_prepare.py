@@ -9,7 +9,7 @@ from lorakit import LoraConfig, get_peft_model, load_model, prepare_model_for_kb
 from lorakit.lora.layer import LoraLinear
 from lorakit.quant.load import detect_quantization, quantized_layers
 from lorakit.quant.prepare import is_norm
-from qhelpers import adapter_params, batch, save_tiny_llama
+from tests.quant.qhelpers import adapter_params, batch, save_tiny_llama
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
