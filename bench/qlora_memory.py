@@ -121,8 +121,8 @@ def child_train(args: argparse.Namespace) -> dict:
     load_peak, after_load = proc_status("VmHWM"), proc_status("VmRSS")
     reset_ok = reset_peak_rss()
 
-    if args.malloc == "lorakit":
-        try:  # what `lorakit train` does before its first step
+    if args.malloc == "mmap":
+        try:
             from lorakit.train.malloc import return_large_frees_to_os
 
             return_large_frees_to_os()
@@ -401,8 +401,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"],
                         help="auto: on for quantized bases (prepare_model_for_kbit_training), off for bf16")
     parser.add_argument("--checkpoint-every", type=int, default=1, help="checkpoint every n-th decoder layer (default 1: all)")
-    parser.add_argument("--malloc", default="lorakit", choices=["lorakit", "glibc"],
-                        help="lorakit: fix glibc's mmap threshold as `lorakit train` does; glibc: leave the allocator alone")
+    parser.add_argument("--malloc", default="glibc", choices=["glibc", "mmap"],
+                        help="glibc: the allocator as `lorakit train` leaves it (default); mmap: fix glibc's mmap threshold "
+                             "at 1 MB (lorakit.train.malloc), so freed activations go back to the OS (less RSS, slower)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--batch", type=int, default=4)
