@@ -330,7 +330,7 @@ def train_configs(model_dir: str, args: argparse.Namespace) -> list[dict]:
 
 def estimate_for(model_dir: str, args: argparse.Namespace) -> dict | None:
     argv = ["--child", "estimate", "--model-dir", model_dir, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
-            "--r", str(args.r), "--target-modules", *args.target_modules]
+            "--r", str(args.r), "--malloc", args.malloc, "--target-modules", *args.target_modules]
     try:
         return run_child(argv)
     except RuntimeError as err:
@@ -342,7 +342,7 @@ def child_estimate(args: argparse.Namespace) -> dict:
     from lorakit.estimate import estimate
 
     targets = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
-    table = estimate(args.model_dir, r=args.r, target_modules=targets, seq_len=args.seq_len, batch=args.batch)
+    table = estimate(args.model_dir, r=args.r, target_modules=targets, seq_len=args.seq_len, batch=args.batch, allocator=args.malloc)
     return {name: {"peak": column.peak_bytes, "training": column.training_peak, "loading": column.loading_peak}
             for name, column in table.columns.items()}
 

@@ -21,6 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--adapter-dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the adapter weights (default fp32)")
     parser.add_argument("--lora-checkpointing", action="store_true", help="assume activation checkpointing for LoRA too")
     parser.add_argument("--no-qlora-checkpointing", action="store_true", help="assume QLoRA runs without activation checkpointing")
+    parser.add_argument("--allocator", default="glibc", choices=["glibc", "mmap"],
+                        help="glibc: the CPU allocator as lorakit train leaves it (keeps freed activations resident); "
+                             "mmap: with lorakit.train.malloc's fixed mmap threshold")
     parser.set_defaults(run=run)
 
 
@@ -37,6 +40,6 @@ def run(args: argparse.Namespace) -> int:
         targets = targets[0]
     result = estimate(args.model, r=args.r, target_modules=targets, seq_len=args.seq_len, batch=args.batch,
                       adapter_bytes=4 if args.adapter_dtype == "fp32" else 2, lora_checkpointing=args.lora_checkpointing,
-                      qlora_checkpointing=not args.no_qlora_checkpointing)
+                      qlora_checkpointing=not args.no_qlora_checkpointing, allocator=args.allocator)
     print(result.table())
     return 0
