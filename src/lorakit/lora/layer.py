@@ -109,6 +109,8 @@ class LoraLinear(nn.Module):
         if not names:
             return
         weight = self.base_layer.weight
+        if type(weight).__name__ in ("Params4bit", "Int8Params"):
+            raise LorakitError("cannot merge in place into a quantized base layer; use merge_and_unload() or `lorakit merge`, which dequantize first")
         merged = weight.float() + sum(self.delta_weight(n) for n in names)
         if safe and not torch.isfinite(merged).all():
             raise LorakitError(f"merging adapters {names} gives NaN or inf weights; the adapter is broken, retrain it")

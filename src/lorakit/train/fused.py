@@ -20,7 +20,9 @@ LLAMA_STYLE_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
 
 def _norm_forward(module: nn.Module, original):
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        if module.weight.requires_grad or module.weight.dtype != hidden_states.dtype:
+        # An fp32 weight (prepare_model_for_kbit_training keeps norms in fp32) is fine: the kernel
+        # upcasts anyway, and prepare's hook casts the output back to the input dtype.
+        if module.weight.requires_grad:
             return original(hidden_states)
         return rms_norm(hidden_states, module.weight, module.variance_epsilon)
 

@@ -186,7 +186,12 @@ def _optimizer_step(model, optimizer, params, stream, cfg: TrainSection, progres
 
 
 def _evaluate(model, eval_rows, cfg: TrainSection, metrics: MetricsLog, step: int) -> float:
+    from lorakit.quant.guard import ensure_4bit_trainable
+
     loss = evaluate_loss(model, batches(eval_rows, cfg.per_device_eval_batch_size, shuffle=False), cfg.bf16)
+    # bitsandbytes may repack a 4-bit weight in an eval pass, after which backward drops input
+    # gradients; undo that before training goes on (a no-op for unquantized bases).
+    ensure_4bit_trainable(transformers_model(model))
     metrics.write({"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))})
     return loss
 

@@ -123,7 +123,8 @@ def load_base_model(config: RunConfig):
     from lorakit.quant.prepare import prepare_model_for_kbit_training
 
     model = load_quantized(resolve_model_dir(config.model.name), quant)
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.train.gradient_checkpointing)
+    # QLoRA's recipe: checkpointing is on for a quantized base (its point is memory), whatever the train section says.
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
 
 
 def score(model, tokenizer, data: PreparedData, eval_rows, config: RunConfig) -> dict:
