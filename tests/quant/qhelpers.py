@@ -32,3 +32,22 @@ def batch(seed: int = 0, rows: int = 2, length: int = 24, vocab: int = 128) -> d
 
 def adapter_params(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n}
+
+
+def train_quantized_adapter(base_dir: Path, quantization: str, target_modules, steps: int, seed: int = 0):
+    """A LoraModel on `base_dir` loaded quantized, with random B and `steps` AdamW steps taken."""
+    from lorakit import LoraConfig, get_peft_model, load_model, prepare_model_for_kbit_training
+
+    torch.manual_seed(seed)
+    model = get_peft_model(prepare_model_for_kbit_training(load_model(base_dir, quantization=quantization)),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=target_modules))
+    with torch.no_grad():
+        for name, param in adapter_params(model).items():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for step in range(steps):
+        model(**batch(step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model

@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
-from lorakit import LoraConfig, get_peft_model, load_model, prepare_model_for_kbit_training
+from lorakit import load_model
 from lorakit.quant.config import QuantConfig
 from lorakit.quant.merge import merge_to_directory, read_quant_record, write_quant_record
-from tests.quant.qhelpers import adapter_params, batch, save_tiny_llama
+from tests.quant.qhelpers import batch, save_tiny_llama, train_quantized_adapter
 
 
 @pytest.fixture(scope="module")
@@ -21,18 +21,7 @@ def trained(tmp_path_factory):
     """(base dir, adapter dir): an all-linear adapter with non-trivial weights, trained 3 steps on nf4."""
     root = tmp_path_factory.mktemp("merge")
     base_dir = save_tiny_llama(root / "base")
-    torch.manual_seed(0)
-    model = get_peft_model(prepare_model_for_kbit_training(load_model(base_dir, quantization="nf4")),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"]))
-    with torch.no_grad():
-        for name, param in adapter_params(model).items():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    for step in range(3):
-        model(**batch(step)).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    model = train_quantized_adapter(base_dir, "nf4", ["q_proj", "v_proj", "o_proj", "up_proj"], steps=3)
     model.save_pretrained(root / "adapter")
     write_quant_record(root / "adapter", QuantConfig("nf4"))
     return base_dir, root / "adapter"
