@@ -62,9 +62,8 @@ def micro_batches(rows: Sequence[PackedRow], cfg: TrainSection, progress: Progre
     """Endless micro-batches from the saved position on: (batch, epoch, index of the next batch)."""
     epoch, start = progress.epoch, progress.batch_in_epoch
     while True:
-        index = start
-        for batch in batches(rows, cfg.per_device_train_batch_size, seed=cfg.seed, epoch=epoch, start=start):
-            index += 1
+        epoch_batches = batches(rows, cfg.per_device_train_batch_size, seed=cfg.seed, epoch=epoch, start=start)
+        for index, batch in enumerate(epoch_batches, start=start + 1):
             yield batch, epoch, index
         epoch, start = epoch + 1, 0
 
