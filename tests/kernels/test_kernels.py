@@ -1,10 +1,12 @@
 """The lean kernels against their plain-PyTorch twins: same outputs, same input gradients."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from lorakit import LoraConfig, get_peft_model
+from lorakit.kernels.causal_attention import causal_attention
 from lorakit.kernels.rms_norm import reference_rms_norm, rms_norm
 from lorakit.kernels.swiglu import swiglu
 from lorakit.train.fused import lean_blocks
@@ -58,3 +60,17 @@ def test_lean_blocks_swap_every_norm_and_mlp_and_keep_the_model_exact():
     for name, grad in expected_grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-5)
     assert not any("forward" in m.__dict__ for m in model.modules())  # swapped back
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2)])
+def test_causal_attention_matches_sdpa(dtype, tol, heads, kv_heads):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(heads, 11, 8, dtype=dtype), torch.randn(kv_heads, 11, 8, dtype=dtype), torch.randn(kv_heads, 11, 8, dtype=dtype)
+    out, grads = _grads(lambda a, b, c: causal_attention(a, b, c, 0.3), q, k, v)
+    ref, ref_grads = _grads(
+        lambda a, b, c: F.scaled_dot_product_attention(a[None], b[None], c[None], is_causal=True, scale=0.3, enable_gqa=True)[0], q, k, v
+    )
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    for mine, theirs in zip(grads, ref_grads):
+        torch.testing.assert_close(mine, theirs, rtol=tol, atol=tol)

@@ -75,3 +75,15 @@ def test_chunked_head_loss_equals_full_cross_entropy():
     assert count == int((labels[:, 1:] != -100).sum())
     torch.testing.assert_close(loss, reference)
     torch.testing.assert_close(fast_grad, hidden.grad)
+
+
+def test_head_loss_without_gradients_matches_the_training_path():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    training, count = causal_lm_loss_sum(hidden, labels, head, chunk=4)
+    with torch.no_grad():
+        evaluation, eval_count = causal_lm_loss_sum(hidden, labels, head, chunk=4)
+    assert eval_count == count and not evaluation.requires_grad
+    torch.testing.assert_close(evaluation, training.detach())

@@ -1,9 +1,10 @@
 """Cross-entropy over the output head without ever holding the full logits.
 
 The head (576 x 49,152 for the default model) is frozen, so the gradient with respect to the hidden
-states can be computed in the forward pass, chunk by chunk: logits for 512 positions are 100 MB in
-fp32, against 400 MB for each 512-token row in full, and backward has no matmul left to redo. Only positions with
-a label take part, so prompt tokens cost nothing here."""
+states can be computed in the forward pass, chunk by chunk, and backward has no matmul left to redo.
+Chunks of 128 positions keep each temporary (25 MB of fp32 log-probabilities) below glibc's mmap
+threshold: larger ones are fresh mappings every time, and their page faults cost a third of the head's
+time here. Only positions with a label take part, so prompt tokens cost nothing."""
 
 from __future__ import annotations
 
@@ -13,20 +14,25 @@ from torch import nn
 IGNORE_INDEX = -100
 
 
+def _chunk_log_likelihood(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of one chunk (n, V) in the compute dtype, and the summed fp32 loss of its targets."""
+    logits = h @ weight.T
+    log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # one fused pass
+    return logits, -log_probs.gather(1, t[:, None]).sum()
+
+
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden)
         for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start : start + chunk]  # (n, C)
             t = targets[start : start + chunk]  # (n,)
-            logits = (h @ weight.T).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            probs = torch.exp_(logits.sub_(lse[:, None]))  # softmax, in place
+            logits, loss = _chunk_log_likelihood(hidden[start : start + chunk], weight, t)
+            total += loss
+            probs = torch.softmax(logits, dim=-1)  # the gradient, in the logits' own dtype
             probs[torch.arange(t.shape[0]), t] -= 1.0
-            grad_hidden[start : start + chunk] = probs.to(weight.dtype) @ weight
+            grad_hidden[start : start + chunk] = probs @ weight
         ctx.save_for_backward(grad_hidden)
         return total
 
@@ -43,7 +49,7 @@ def head_weight(head: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def causal_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk: int = 512) -> tuple[torch.Tensor, int]:
+def causal_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk: int = 128) -> tuple[torch.Tensor, int]:
     """Summed next-token loss over labelled positions, and how many there were.
 
     hidden: (B, T, C) final hidden states; labels: (B, T) with IGNORE_INDEX where no loss is taken."""
@@ -56,7 +62,10 @@ def causal_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Modu
     targets = targets[keep]
     weight = head_weight(head)
     if weight is not None:
-        return _FrozenHeadCrossEntropy.apply(selected, weight.to(selected.dtype), targets, chunk), count
+        weight = weight.to(selected.dtype)
+        if not (torch.is_grad_enabled() and selected.requires_grad):  # evaluation: no gradient to fold in
+            return sum(_chunk_log_likelihood(selected[s : s + chunk], weight, targets[s : s + chunk])[1] for s in range(0, selected.shape[0], chunk)), count
+        return _FrozenHeadCrossEntropy.apply(selected, weight, targets, chunk), count
     total = sum(
         torch.utils.checkpoint.checkpoint(_chunk_loss, head, selected[s : s + chunk], targets[s : s + chunk], use_reentrant=False)
         for s in range(0, selected.shape[0], chunk)
