@@ -283,7 +283,7 @@ def _flash_attention_on_meta(device: str) -> Iterator[None]:
 
 
 def _packed_attention(model: nn.Module, batch: int, seq_len: int):
-    """lorakit's training attention (one flash call per packed example) and lean norm / MLP kernels,
+    """lorakit's training attention (its causal attention kernel per packed example) and lean norm / MLP kernels,
     as its training step uses them, when they are there."""
     try:
         from lorakit.train.attention import SEQ_LENS_KWARG, packed_attention_enabled

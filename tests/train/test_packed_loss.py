@@ -87,3 +87,21 @@ def test_head_loss_without_gradients_matches_the_training_path():
         evaluation, eval_count = causal_lm_loss_sum(hidden, labels, head, chunk=4)
     assert eval_count == count and not evaluation.requires_grad
     torch.testing.assert_close(evaluation, training.detach())
+
+
+def test_head_loss_in_bf16_keeps_fp32_log_probabilities():
+    """bf16 hidden states: logits in bf16 (as autocast makes them), the loss from fp32 log-softmax."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False).to(torch.bfloat16)
+    hidden = torch.randn(2, 9, 16, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    loss, _ = causal_lm_loss_sum(hidden, labels, head, chunk=4)
+    loss.backward()
+    fast_grad = hidden.grad.clone()
+    hidden.grad = None
+    logits = head(hidden[:, :-1]).float().reshape(-1, 50)
+    reference = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), reduction="sum")
+    reference.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fast_grad.float(), hidden.grad.float(), rtol=2e-2, atol=2e-2)
