@@ -37,15 +37,16 @@ from lorakit.errors import LorakitError
 FRAMEWORK_BYTES = 450_000_000
 """Resident memory of a Python process with torch, transformers and bitsandbytes imported (CPU)."""
 LOSS_CHUNK = 1024
-RECOMPUTE_FACTOR = 6
+RECOMPUTE_FACTOR = 8
 """Under checkpointing, backward holds a recomputed layer's saved tensors, their gradients and the
-recompute's own temporaries (dequantized weights, fp32 gradient buffers) at once: about 6x the
-layer's saved tensors, fitted to measured peaks (135M and 1.1B Llamas, nf4, 4 x 512)."""
-HEAP_RETENTION = {"glibc": 1.58, "mmap": 1.0}
+recompute's own temporaries (dequantized weights, fp32 gradient buffers) at once: about 8x the
+layer's saved tensors, fitted with HEAP_RETENTION to measured peaks (bench/qlora_memory.py: 135M and
+1.1B Llamas, bf16 and nf4, 4 x 512; all four within 5%)."""
+HEAP_RETENTION = {"glibc": 1.15, "mmap": 1.0}
 """Resident bytes per byte of live activations. glibc, left as it is (as `lorakit train` leaves it),
-serves activations from its heap after the first large free and keeps what is freed: measured
-1.53-1.63x on the same four runs. With a fixed 1 MB mmap threshold (lorakit.train.malloc) freed
-activations go back to the OS and RSS tracks what is live."""
+serves activations from its heap after the first large free and keeps some of what is freed (1.15x,
+fitted as above; it was ~1.6x before the head loss reused its chunk buffers). With a fixed 1 MB mmap
+threshold (lorakit.train.malloc) freed activations go back to the OS and RSS tracks what is live."""
 NF4_BLOCK, NF4_SCALE_BLOCK = 64, 256
 
 
@@ -320,8 +321,8 @@ def loss_chunk() -> int:
 
 
 def head_loss_bytes(tokens: int, hidden: int, vocab: int) -> int:
-    """lorakit's chunked head loss: the selected hidden states and their gradient (bf16), and one chunk
-    of logits in fp32 together with logsumexp's fp32 temporary of the same size."""
+    """lorakit's chunked head loss: the selected hidden states and their gradient (bf16), and its chunk
+    buffers: logits and gradient in bf16 plus fp32 log-probabilities (8 bytes per chunk entry)."""
     chunk = min(loss_chunk(), tokens)
     return 2 * tokens * hidden * 2 + chunk * vocab * (4 + 4)
 
