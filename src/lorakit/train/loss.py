@@ -24,9 +24,11 @@ class _ChunkBuffers:
         self.probs = like.new_empty(chunk, vocab)
 
     def log_likelihood(self, h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Summed fp32 loss of one chunk's targets; leaves the chunk's logits in self.logits[:n]."""
+        """Summed fp32 loss of one chunk's targets; leaves its logits (fp32: their log-probabilities) in self.logits[:n]."""
         n = h.shape[0]
         logits = torch.mm(h, weight.T, out=self.logits[:n])
+        # fp32 logits are overwritten by their log-probabilities: softmax is shift-invariant, so
+        # logit_gradient's softmax of them is the same
         log_probs = logits if self.fp32 is None else self.fp32[:n].copy_(logits)
         torch.ops.aten._log_softmax.out(log_probs, -1, False, out=log_probs)  # in place, row by row
         return -log_probs.gather(1, t[:, None]).sum()
@@ -38,24 +40,24 @@ class _ChunkBuffers:
         return probs
 
 
-def _summed_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+def _head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+               grad_hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed loss over the rows of `hidden`; with `grad_hidden`, also d loss / d hidden written into it."""
     buffers = _ChunkBuffers(min(chunk, hidden.shape[0]), weight.shape[0], hidden)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
-        total += buffers.log_likelihood(hidden[start : start + chunk], weight, targets[start : start + chunk])
+        t = targets[start : start + chunk]  # (n,)
+        total += buffers.log_likelihood(hidden[start : start + chunk], weight, t)
+        if grad_hidden is not None:
+            torch.mm(buffers.logit_gradient(t.shape[0], t), weight, out=grad_hidden[start : start + chunk])
     return total
 
 
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        buffers = _ChunkBuffers(min(chunk, hidden.shape[0]), weight.shape[0], hidden)
-        total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden)
-        for start in range(0, hidden.shape[0], chunk):
-            t = targets[start : start + chunk]  # (n,)
-            total += buffers.log_likelihood(hidden[start : start + chunk], weight, t)
-            torch.mm(buffers.logit_gradient(t.shape[0], t), weight, out=grad_hidden[start : start + chunk])
+        total = _head_loss(hidden, weight, targets, chunk, grad_hidden)
         ctx.save_for_backward(grad_hidden)
         return total
 
@@ -87,7 +89,7 @@ def causal_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Modu
     if weight is not None:
         weight = weight.to(selected.dtype)
         if not (torch.is_grad_enabled() and selected.requires_grad):  # evaluation: no gradient to fold in
-            return _summed_loss(selected, weight, targets, chunk), count
+            return _head_loss(selected, weight, targets, chunk), count
         return _FrozenHeadCrossEntropy.apply(selected, weight, targets, chunk), count
     total = sum(
         torch.utils.checkpoint.checkpoint(_chunk_loss, head, selected[s : s + chunk], targets[s : s + chunk], use_reentrant=False)
