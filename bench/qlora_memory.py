@@ -161,16 +161,13 @@ def training_step(model):
     except ImportError:
         batch_loss_sum = None
     if batch_loss_sum is not None:
-        from lorakit.train.attention import packed_attention_enabled
-        from lorakit.train.fused import lean_blocks
-        from lorakit.train.step import transformers_model
+        from lorakit.train.step import training_paths, transformers_model
 
         def step(batch):
             # backward stays inside the packed-attention and lean-kernel contexts, as in lorakit's
             # loop: with checkpointing on, the decoder layers run again there and must take the same
             # attention and kernel paths as in the forward
-            hf_model = transformers_model(model)
-            with packed_attention_enabled(hf_model), lean_blocks(hf_model):
+            with training_paths(transformers_model(model)):
                 loss_sum, count = batch_loss_sum(model, batch, bf16=True)
                 (loss_sum / count).backward()
             return float(loss_sum) / count

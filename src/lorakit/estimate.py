@@ -16,15 +16,15 @@ Training peak = framework + weights + optimizer state + max(activations at the e
 gradients at the end of the backward). Loading peak = framework + the checkpoint's pages (read through
 a memory map) + what is built from them; quantizing on load touches the whole file, so for QLoRA on a
 bf16 checkpoint the loading peak can be the process's peak. Measured on the CPU
-(bench/qlora_memory.py) the estimates land within ~25%; glibc's heap retention is the main thing
-modelled only roughly.
+(bench/qlora_memory.py) the estimates land within ~5% of the four runs its two constants were fitted
+to; glibc's heap retention is the main thing modelled only roughly.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -36,7 +36,6 @@ from lorakit.errors import LorakitError
 
 FRAMEWORK_BYTES = 450_000_000
 """Resident memory of a Python process with torch, transformers and bitsandbytes imported (CPU)."""
-LOSS_CHUNK = 1024
 RECOMPUTE_FACTOR = 8
 """Under checkpointing, backward holds a recomputed layer's saved tensors, their gradients and the
 recompute's own temporaries (dequantized weights, fp32 gradient buffers) at once: about 8x the
@@ -284,21 +283,12 @@ def _flash_attention_on_meta(device: str) -> Iterator[None]:
 
 
 def _packed_attention(model: nn.Module, batch: int, seq_len: int):
-    """lorakit's training attention (its causal attention kernel per packed example) and lean norm / MLP kernels,
-    as its training step uses them, when they are there."""
-    try:
-        from lorakit.train.attention import SEQ_LENS_KWARG, packed_attention_enabled
-    except ImportError:
-        return {}, nullcontext()
-    try:
-        from lorakit.train.fused import lean_blocks
-    except ImportError:
-        lean_blocks = None
-    context = ExitStack()
-    context.enter_context(packed_attention_enabled(model))
-    if lean_blocks is not None:
-        context.enter_context(lean_blocks(model))
-    return {SEQ_LENS_KWARG: [[seq_len]] * batch}, context
+    """lorakit's training paths (its causal attention kernel per packed example, lean norm / MLP
+    kernels), as its training step runs them."""
+    from lorakit.train.attention import SEQ_LENS_KWARG
+    from lorakit.train.step import training_paths
+
+    return {SEQ_LENS_KWARG: [[seq_len]] * batch}, training_paths(model)
 
 
 def checkpoint_bytes_per_param(config) -> int:
@@ -308,22 +298,12 @@ def checkpoint_bytes_per_param(config) -> int:
     return {"float32": 4, "bfloat16": 2, "float16": 2}.get(name, 4)
 
 
-def loss_chunk() -> int:
-    """Positions per chunk of lorakit's head loss (its default argument), LOSS_CHUNK without it."""
-    try:
-        import inspect
-
-        from lorakit.train.loss import causal_lm_loss_sum
-
-        return int(inspect.signature(causal_lm_loss_sum).parameters["chunk"].default)
-    except (ImportError, KeyError, TypeError, ValueError):
-        return LOSS_CHUNK
-
-
 def head_loss_bytes(tokens: int, hidden: int, vocab: int) -> int:
     """lorakit's chunked head loss: the selected hidden states and their gradient (bf16), and its chunk
     buffers: logits and gradient in bf16 plus fp32 log-probabilities (8 bytes per chunk entry)."""
-    chunk = min(loss_chunk(), tokens)
+    from lorakit.train.loss import LOSS_CHUNK
+
+    chunk = min(LOSS_CHUNK, tokens)
     return 2 * tokens * hidden * 2 + chunk * vocab * (4 + 4)
 
 

@@ -18,9 +18,7 @@ from lorakit.train.config import TrainSection
 from lorakit.train.metrics import MetricsLog, plot_losses
 from lorakit.train.optim import build_optimizer
 from lorakit.train.schedule import lr_at, warmup_steps_for
-from lorakit.train.attention import packed_attention_enabled
-from lorakit.train.fused import lean_blocks
-from lorakit.train.step import batch_loss_sum, evaluate_loss, transformers_model, useful_tokens
+from lorakit.train.step import batch_loss_sum, evaluate_loss, training_paths, transformers_model, useful_tokens
 
 
 @dataclass
@@ -100,7 +98,7 @@ def train(
     # Held for the whole run, not just each forward: checkpointed layers recompute during backward
     # and must take the same attention and kernel paths as the first time.
     run = _Run(model, optimizer, params, cfg, progress, steps, warmup, metrics, log)
-    with packed_attention_enabled(hf_model), lean_blocks(hf_model):
+    with training_paths(hf_model):
         return _run_steps(run, train_rows, eval_rows)
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 IGNORE_INDEX = -100
+LOSS_CHUNK = 512  # positions per chunk of the head loss
 
 
 class _ChunkBuffers:
@@ -74,7 +75,7 @@ def head_weight(head: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def causal_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk: int = 512) -> tuple[torch.Tensor, int]:
+def causal_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk: int = LOSS_CHUNK) -> tuple[torch.Tensor, int]:
     """Summed next-token loss over labelled positions, and how many there were.
 
     hidden: (B, T, C) final hidden states; labels: (B, T) with IGNORE_INDEX where no loss is taken."""

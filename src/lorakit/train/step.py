@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -17,6 +18,14 @@ def transformers_model(model: nn.Module) -> nn.Module:
     return getattr(model, "model", model) if hasattr(model, "peft_config") else model
 
 
+@contextmanager
+def training_paths(hf_model: nn.Module) -> Iterator[None]:
+    """Packed per-example attention and the lean norm / MLP kernels, as a training step runs them.
+    Hold it across backward too when layers are checkpointed: their recompute must take the same paths."""
+    with packed_attention_enabled(hf_model), lean_blocks(hf_model):
+        yield
+
+
 def batch_loss_sum(model: nn.Module, batch: dict, bf16: bool = True) -> tuple[torch.Tensor, int]:
     """Summed loss over the batch's labelled tokens, and their count.
 
@@ -25,7 +34,7 @@ def batch_loss_sum(model: nn.Module, batch: dict, bf16: bool = True) -> tuple[to
     hf_model = transformers_model(model)
     decoder = getattr(hf_model, hf_model.base_model_prefix)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
-    with autocast, packed_attention_enabled(hf_model), lean_blocks(hf_model):
+    with autocast, training_paths(hf_model):
         hidden = decoder(
             input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
             **{SEQ_LENS_KWARG: batch["seq_lens"]},
