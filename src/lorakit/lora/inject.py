@@ -7,6 +7,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig, replace
 from lorakit.errors import ConfigError
+from lorakit.lora.base_layer import parameter_count
 from lorakit.lora.layer import LoraLinear, ModulesToSave
 from lorakit.lora.targets import ALL_LINEAR, find_targets, inside_lora_layer, is_linear_like, name_matches, resolve_all_linear
 
@@ -99,9 +100,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameters as peft counts them: 4-bit weights count twice their packed bytes."""
     trainable = total = 0
     for param in model.parameters():
-        count = param.numel()
-        if type(param).__name__ == "Params4bit":
-            count *= 2 * param.element_size()
+        count = parameter_count(param)
         total += count
         if param.requires_grad:
             trainable += count

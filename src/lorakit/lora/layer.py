@@ -7,6 +7,7 @@ peft's, so a state dict key here is a peft key minus its `base_model.model.` pre
 
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 from typing import Iterator
@@ -15,31 +16,8 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's Conv1D: a linear layer whose weight is stored transposed, as (in, out)."""
-    return type(module).__name__ == "Conv1D"
-
-
-def layer_shape(base: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a linear-like layer: nn.Linear, bitsandbytes' Linear4bit /
-    Linear8bitLt (both nn.Linear subclasses) or GPT-2's Conv1D (weight stored as in x out)."""
-    if isinstance(base, nn.Linear):
-        return base.in_features, base.out_features
-    if is_conv1d(base):
-        in_features, out_features = base.weight.shape
-        return in_features, out_features
-    raise LorakitError(
-        f"cannot put LoRA on a {type(base).__name__}; lorakit adapts Linear and Conv1D layers, so pick those in target_modules"
-    )
-
-
-def base_weight(base: nn.Module) -> torch.Tensor:
-    """The base layer's weight as a dense tensor in its stored layout (dequantized if needed)."""
-    from lorakit.quant.dequant import dense_weight  # quantized layers know how to unpack themselves
-
-    return dense_weight(base)
+from lorakit.lora.base_layer import is_conv1d, is_quantized, layer_shape
+from lorakit.lora.routing import Routing, current_routing
 
 
 class LoraLinear(nn.Module):
@@ -90,9 +68,11 @@ class LoraLinear(nn.Module):
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def set_active(self, names: list[str]) -> None:
+        """Activate `names` (checked against the model's adapters by LoraModel; a name this layer does
+        not adapt is kept and simply contributes nothing here)."""
         if self.merged_adapters and set(names) != set(self.merged_adapters):
             self.unmerge()
-        self.active_adapters = [n for n in names if n in self.lora_A]
+        self.active_adapters = list(names)
 
     # --- merging ------------------------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -105,11 +85,11 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, safe: bool = False) -> None:
         """Add the active (or given) adapters into the base weight; outputs stay the same."""
-        names = [n for n in (names or self.active_adapters) if n not in self.merged_adapters]
+        names = [n for n in (names or self.active_adapters) if n in self.lora_A and n not in self.merged_adapters]
         if not names:
             return
         weight = self.base_layer.weight
-        if type(weight).__name__ in ("Params4bit", "Int8Params"):
+        if is_quantized(weight):
             raise LorakitError("cannot merge in place into a quantized base layer; use merge_and_unload() or `lorakit merge`, which dequantize first")
         merged = weight.float() + sum(self.delta_weight(n) for n in names)
         if safe and not torch.isfinite(merged).all():
@@ -127,26 +107,72 @@ class LoraLinear(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disabled:
-            if self.merged_adapters:
-                self.unmerge()
-            return self.base_layer(x)
         result = self.base_layer(x)
-        autocast = torch.is_autocast_enabled(x.device.type)
+        if self.disabled:
+            return result
+        routing = current_routing()
+        if routing is not None:
+            return self._add_routed(result, x, routing)
         for name in self.active_adapters:
-            if name in self.merged_adapters:
-                continue
-            lora_a, lora_b, scaling = self.lora_A[name], self.lora_B[name], self.scaling[name]
-            if autocast:
-                # One addmm adds x A^T (s B)^T onto the base output: no separate scale and add passes
-                # over the (tokens, out) result, forward or backward. Autocast picks bf16 for all three.
-                xa = lora_a(self.lora_dropout[name](x))  # (..., r)
-                flat = torch.addmm(result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]), (lora_b.weight * scaling).T)
-                result = flat.view(result.shape)
-            else:
-                x_lora = self.lora_dropout[name](x.to(lora_a.weight.dtype))
-                result = result + (lora_b(lora_a(x_lora)) * scaling).to(result.dtype)
+            if name in self.lora_A and name not in self.merged_adapters:
+                result = self._add_adapter(result, x, name)
         return result
+
+    def _add_adapter(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """result + scaling * B A dropout(x), as one addmm onto the base output (no separate scale and
+        add passes over the (tokens, out) result, forward or backward). Under autocast the matmuls run
+        in its dtype; otherwise in the adapter's, cast back to the base output's dtype."""
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(lora_a.weight.dtype)
+        xa = lora_a(self.lora_dropout[name](x))  # (..., r)
+        flat = torch.addmm(result.reshape(-1, self.out_features).to(xa.dtype), xa.reshape(-1, xa.shape[-1]),
+                           (lora_b.weight * self.scaling[name]).T.to(xa.dtype))
+        return flat.view(result.shape).to(result.dtype)
+
+    def _add_routed(self, result: torch.Tensor, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Each row its own adapter mix: gather every row's (A, B) from the bank and run batched
+        matmuls (Punica's gather idea), so the cost does not grow with the number of distinct adapters."""
+        if self.merged_adapters:
+            raise LorakitError("per-row adapters cannot run while adapters are merged into the weights; call unmerge_adapter() first")
+        rows = x.shape[0]
+        if rows != routing.rows:
+            raise LorakitError(f"adapter routing has {routing.rows} rows but the batch has {rows}; pass one adapter name per row")
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else result.dtype
+        a_bank, b_bank = self.bank(routing, dtype, x.device)
+        x3 = x.reshape(rows, -1, self.in_features).to(dtype)  # (B, T, in)
+        out = result.reshape(rows, -1, self.out_features)
+        delta = None
+        for j in range(routing.slots.shape[0]):
+            slots = routing.slots[j]
+            xa = torch.bmm(x3, a_bank[slots].transpose(1, 2))  # (B, T, R)
+            if not routing.unit_weights:
+                xa = xa * routing.weights[j].to(dtype).view(rows, 1, 1)
+            part = torch.bmm(xa, b_bank[slots].transpose(1, 2))  # (B, T, out)
+            delta = part if delta is None else delta + part
+        return (out + delta.to(out.dtype)).view(result.shape)
+
+    @torch.no_grad()
+    def bank(self, routing: Routing, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, scaling * B) of every adapter in the slot table, stacked by slot and zero-padded to the
+        table's rank: (slots, R, in) and (slots, out, R). Rebuilt only when the table changes."""
+        table = routing.table
+        # Tensor versions count in-place updates, so an adapter trained after the bank was built is seen.
+        weights_version = sum(m.weight._version for m in (*self.lora_A.values(), *self.lora_B.values()))
+        key = (table.version, weights_version, dtype, device)
+        cached = getattr(self, "_bank", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        count, width = max(table.slot_of.values(), default=0) + 1, table.rank_width
+        a_bank = torch.zeros(count, width, self.in_features, dtype=dtype, device=device)
+        b_bank = torch.zeros(count, self.out_features, width, dtype=dtype, device=device)
+        for name, slot in table.slot_of.items():
+            if name in self.lora_A:
+                r = self.lora_A[name].weight.shape[0]
+                a_bank[slot, :r] = self.lora_A[name].weight.to(dtype)
+                b_bank[slot, :, :r] = (self.lora_B[name].weight.float() * self.scaling[name]).to(dtype)
+        self._bank = (key, (a_bank, b_bank))
+        return a_bank, b_bank
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={list(self.lora_A)}, active={self.active_adapters}"
@@ -163,8 +189,6 @@ class ModulesToSave(nn.Module):
         self.disabled = False
 
     def add_adapter(self, name: str) -> None:
-        import copy
-
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
         self.modules_to_save[name].requires_grad_(True)
         self.active_adapter = self.active_adapter or name
@@ -186,9 +210,13 @@ class ModulesToSave(nn.Module):
 
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """Run the bare base model inside the block (merged adapters are unmerged first)."""
+    """Run the bare base model inside the block. Merged adapters are unmerged on entry and merged back
+    on exit, here and not as a side effect of a forward pass."""
     layers = [m for m in model.modules() if isinstance(m, (LoraLinear, ModulesToSave))]
     before = [m.disabled for m in layers]
+    merged = {m: list(m.merged_adapters) for m in layers if isinstance(m, LoraLinear) and m.merged_adapters}
+    for m in merged:
+        m.unmerge()
     for m in layers:
         m.disabled = True
     try:
@@ -196,3 +224,5 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
     finally:
         for m, was in zip(layers, before):
             m.disabled = was
+        for m, names in merged.items():
+            m.merge(names)

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.lora.layer import LoraLinear, ModulesToSave, base_weight
+from lorakit.lora.base_layer import dense_weight, is_quantized
+from lorakit.lora.layer import LoraLinear, ModulesToSave
 from lorakit.lora.inject import _set_child
 
 
@@ -15,13 +16,13 @@ def merged_linear(layer: LoraLinear, names: list[str], safe: bool = False, dtype
 
     A quantized base is dequantized and comes back as a dense nn.Linear; it is never re-quantized here."""
     base = layer.base_layer
-    weight = base_weight(base).float()
+    weight = dense_weight(base).float()
     for name in names:
         if name not in layer.merged_adapters:
             weight = weight + layer.delta_weight(name)
     if safe and not torch.isfinite(weight).all():
         raise LorakitError(f"merging adapters {names} gives NaN or inf weights; the adapter is broken, retrain it")
-    quantized = type(base.weight).__name__ in ("Params4bit", "Int8Params")
+    quantized = is_quantized(base.weight)
     if not quantized:
         target_dtype = dtype or base.weight.dtype
         with torch.no_grad():
@@ -50,7 +51,7 @@ def check_finite_merge(model: nn.Module, adapter_names: list[str] | None = None)
             continue
         wanted = adapter_names if adapter_names is not None else layer.active_adapters
         names = [n for n in wanted if n in layer.lora_A and n not in layer.merged_adapters]
-        if names and not torch.isfinite(base_weight(layer.base_layer).float() + sum(layer.delta_weight(n) for n in names)).all():
+        if names and not torch.isfinite(dense_weight(layer.base_layer).float() + sum(layer.delta_weight(n) for n in names)).all():
             raise LorakitError(f"merging adapters {names} into {path} gives NaN or inf weights; the adapter is broken, retrain it")
 
 

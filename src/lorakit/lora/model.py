@@ -16,6 +16,7 @@ from lorakit.errors import LorakitError
 from lorakit.lora import merge as merge_ops
 from lorakit.lora.inject import count_parameters, freeze_adapter, inject_adapter, mark_trainable, trainable_report
 from lorakit.lora.layer import LoraLinear, ModulesToSave, adapters_disabled
+from lorakit.lora.routing import BASE, RowSpec, SlotTable, build_routing, routed
 
 
 class LoraModel(nn.Module):
@@ -35,19 +36,65 @@ class LoraModel(nn.Module):
         except AttributeError:
             return getattr(self._modules["model"], name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: list[RowSpec] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward; `adapter_names` (peft's name) gives each row its own adapter,
+        `"__base__"` for none, or (lorakit's extension) a `{name: scale}` mix."""
+        with routed(self.routing(adapter_names)):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[RowSpec] | None = None, **kwargs: Any) -> Any:
+        """transformers' generate; with `adapter_names`, each row of the batch uses its own adapter."""
+        if adapter_names is not None and (kwargs.get("num_beams", 1) > 1 or kwargs.get("num_return_sequences", 1) > 1):
+            raise LorakitError("adapter_names works with one sequence per row; drop num_beams / num_return_sequences")
+        with routed(self.routing(adapter_names)):
+            return self.model.generate(*args, **kwargs)
+
+    def routing(self, adapter_names: list[RowSpec] | None, device: torch.device | None = None):
+        """The per-row routing for `adapter_names` (None: the active adapters, no routing)."""
+        if adapter_names is None:
+            return None
+        if self.model.training:
+            raise LorakitError("adapter_names is for inference; call model.eval() first (each row would train another adapter)")
+        if any(isinstance(m, LoraLinear) and m.merged_adapters for m in self.model.modules()):
+            raise LorakitError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
+        device = device or next(self.model.parameters()).device
+        return build_routing(adapter_names, self.slot_table, device)
+
+    def _adapters_changed(self) -> None:
+        """Adapters were added or removed: the next routing builds a new slot table (and layers new banks)."""
+        self.__dict__["_adapters_epoch"] = self.__dict__.get("_adapters_epoch", 0) + 1
+
+    @property
+    def slot_table(self) -> SlotTable:
+        """Bank slots of the loaded adapters: stable per name while it stays loaded."""
+        names = list(self.peft_config)
+        table = self.__dict__.get("_slot_table")
+        epoch = self.__dict__.get("_adapters_epoch", 0)
+        if table is not None and table.version == epoch:
+            return table
+        old = dict(table.slot_of) if table is not None else {}
+        slot_of = {n: old[n] for n in names if n in old}
+        free = (s for s in range(1, len(names) + len(old) + 2) if s not in slot_of.values())
+        for name in names:
+            if name not in slot_of:
+                slot_of[name] = next(free)
+        width = max((self.peft_config[n].r for n in names), default=1)
+        self.__dict__["_slot_table"] = SlotTable(slot_of, epoch, width)
+        return self.__dict__["_slot_table"]
 
     def get_base_model(self) -> nn.Module:
         return self.model
 
     # --- adapters ------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: LoraConfig, adapter_dtype: torch.dtype | None = None) -> None:
+        if adapter_name == BASE:
+            raise LorakitError(f"{BASE!r} is reserved for the base model; pick another adapter_name")
         if adapter_name in self.peft_config:
             raise LorakitError(f"adapter {adapter_name!r} already exists; pick another adapter_name or delete_adapter() it first")
         if config.base_model_name_or_path is None:
             config = LoraConfig(**{**config.__dict__, "base_model_name_or_path": getattr(self.model, "name_or_path", None) or None})
         self.peft_config[adapter_name] = inject_adapter(self.model, config, adapter_name, adapter_dtype)
+        self._adapters_changed()
         self._activate(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
@@ -85,6 +132,7 @@ class LoraModel(nn.Module):
             if isinstance(module, (LoraLinear, ModulesToSave)) and (adapter_name in getattr(module, "lora_A", {}) or adapter_name in getattr(module, "modules_to_save", {})):
                 module.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
+        self._adapters_changed()
         if self.active_adapter == adapter_name and self.peft_config:
             self._activate(next(iter(self.peft_config)))
 
@@ -94,6 +142,8 @@ class LoraModel(nn.Module):
         tensors = read_adapter_weights(directory)
         config.inference_mode = not is_trainable
         active = self.active_adapter if self.peft_config else adapter_name
+        if adapter_name == BASE:
+            raise LorakitError(f"{BASE!r} is reserved for the base model; load the adapter under another name")
         if adapter_name in self.peft_config:
             raise LorakitError(f"adapter {adapter_name!r} already exists; load it under another adapter_name")
         try:
@@ -102,6 +152,8 @@ class LoraModel(nn.Module):
         except Exception:
             self._remove_partial(adapter_name)
             raise
+        finally:
+            self._adapters_changed()
         self._activate(active if active in self.peft_config else adapter_name)
         if not is_trainable:
             freeze_adapter(self.model, adapter_name)

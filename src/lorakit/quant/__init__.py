@@ -1,31 +1,40 @@
-"""Quantized bases (QLoRA): bitsandbytes NF4 / FP4 / int8 loading, training preparation, dequantized
-merging and measured re-quantization. bitsandbytes' own storage format is kept throughout."""
+"""Quantized bases (QLoRA): bitsandbytes NF4 / FP4 / int8 loading, training preparation and measured
+re-quantization. bitsandbytes' own storage format is kept throughout.
 
-from lorakit.quant.config import QUANTIZATIONS, QuantConfig, add_quant_arguments, quant_config_from_args
-from lorakit.quant.guard import ensure_4bit_trainable, find_repacked_4bit, keep_4bit_trainable
-from lorakit.quant.load import detect_quantization, load_quantized, quantized_layers
-from lorakit.quant.merge import MergeReport, merge_quantized, merge_to_directory, read_quant_record, write_quant_record
-from lorakit.quant.prepare import prepare_model_for_kbit_training
-from lorakit.quant.requantize import dequantize_model, logit_error, requantize_model
+  config.py      QuantConfig: the base's storage and its validation
+  bnb.py         importing bitsandbytes quietly
+  load.py        load a base through transformers' BitsAndBytesConfig
+  mapped.py      copy unquantized tensors out of the checkpoint's memory map
+  heap.py        hand freed heap pages back to the OS after a load
+  detect.py      recognise quantized layers and the QuantConfig of a loaded model
+  dequant.py     exact fp32 dequantization of 4-bit / 8-bit weights
+  guard.py       keep 4-bit layers differentiable on the CPU
+  prepare.py     prepare_model_for_kbit_training
+  requantize.py  dequantize / re-quantize a whole model and measure the logit error
+  record.py      the quantization record written beside an adapter
 
-__all__ = [
-    "QUANTIZATIONS",
-    "QuantConfig",
-    "add_quant_arguments",
-    "quant_config_from_args",
-    "ensure_4bit_trainable",
-    "find_repacked_4bit",
-    "keep_4bit_trainable",
-    "detect_quantization",
-    "load_quantized",
-    "quantized_layers",
-    "MergeReport",
-    "merge_quantized",
-    "merge_to_directory",
-    "read_quant_record",
-    "write_quant_record",
-    "prepare_model_for_kbit_training",
-    "dequantize_model",
-    "logit_error",
-    "requantize_model",
-]
+The names below are imported on first use (PEP 562), not here: lora/base_layer.py imports
+quant/dequant.py, and most quant modules import lora/base_layer.py, so an eager package __init__ would
+make every `import lorakit.quant.<module>` a cycle through the whole package."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "QUANTIZATIONS": "config", "QuantConfig": "config",
+    "ensure_4bit_trainable": "guard", "find_repacked_4bit": "guard", "keep_4bit_trainable": "guard",
+    "detect_quantization": "detect", "quantized_layers": "detect",
+    "load_quantized": "load",
+    "read_quant_record": "record", "write_quant_record": "record",
+    "prepare_model_for_kbit_training": "prepare",
+    "dequantize_model": "requantize", "logit_error": "requantize", "requantize_model": "requantize",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lorakit.quant' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"lorakit.quant.{_EXPORTS[name]}"), name)

@@ -1,4 +1,4 @@
-"""Dense views of quantized weights, so merge code needs no per-backend copy.
+"""Dequantize bitsandbytes weights exactly (lora/base_layer.py's dense_weight dispatches here).
 
 Every quantized format is dequantized straight to fp32 (the 4-bit code times its fp32 block scale is
 exact in fp32), so a merge adds the adapter to exactly the weights the adapter was trained against."""
@@ -9,21 +9,9 @@ import torch
 from torch import nn
 
 
-def dense_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The module's weight as a plain float tensor (out, in); bitsandbytes 4-bit / 8-bit weights are
-    dequantized (to fp32 unless `dtype` says otherwise), anything else is returned as stored."""
-    weight = module.weight
-    kind = type(weight).__name__
-    if kind == "Params4bit":
-        return dequantize_params4bit(weight, dtype or torch.float32)
-    if kind == "Int8Params":
-        return dequantize_int8(module, dtype or torch.float32)
-    return weight if dtype is None else weight.to(dtype)
-
-
 def block_scales(state) -> torch.Tensor:
     """The fp32 absmax of every 64-weight block, undoing double quantization if it was used."""
-    import bitsandbytes.functional as bnbf
+    import bitsandbytes.functional as bnbf  # here: bitsandbytes costs ~1 s to import; only quantized weights need it
 
     if state.nested:
         return bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
@@ -42,7 +30,7 @@ def dequantize_params4bit(weight: torch.Tensor, dtype: torch.dtype = torch.float
 def _dequantize_cpu_layout(packed: torch.Tensor, state) -> torch.Tensor:
     """Dequantize a weight bitsandbytes repacked for its CPU inference kernel (see guard.py): codes in
     tiles of 32 rows, block scales already in bf16 and transposed to (in / blocksize, out)."""
-    from bitsandbytes.backends.utils import _get_4bit_code
+    from bitsandbytes.backends.utils import _get_4bit_code  # here: see block_scales
 
     out_features, half = packed.shape
     tile = 32

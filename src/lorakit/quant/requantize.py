@@ -17,9 +17,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from lorakit.lora.base_layer import dense_weight
 from lorakit.quant.config import QuantConfig
-from lorakit.quant.dequant import dense_weight
-from lorakit.quant.load import is_quantized_layer, load_quantized
+from lorakit.quant.detect import is_quantized_layer
+from lorakit.quant.load import load_quantized
+from lorakit.quant.prepare import FP32_NORM_HOOK
 
 # The quantization-error probe: a handful of short, varied prompts (chat, code, prose, numbers).
 PROBE_PROMPTS = (
@@ -66,13 +68,11 @@ def strip_quantization(model: nn.Module) -> None:
     for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
         if getattr(model, flag, False):
             setattr(model, flag, False)
-    from lorakit.quant.prepare import _HOOK_ATTR
-
     for module in model.modules():
-        hook = getattr(module, _HOOK_ATTR, None)
+        hook = getattr(module, FP32_NORM_HOOK, None)
         if hook is not None:
             hook.remove()
-            setattr(module, _HOOK_ATTR, None)
+            setattr(module, FP32_NORM_HOOK, None)
 
 
 def requantize_model(model: nn.Module, config: QuantConfig, work_dir: str | os.PathLike | None = None) -> nn.Module:

@@ -1,0 +1,97 @@
+"""Per-row adapter routing: one forward pass in which every row of the batch uses its own adapter, a
+weighted mix of adapters, or none (peft's `"__base__"`).
+
+A row spec is an adapter name, `"__base__"`, or a mapping `{name: scale}`. The routing of a batch is
+two (J, B) tensors: `slots[j, b]` is the bank slot of row b's j-th adapter (0 = none) and
+`weights[j, b]` its scale; J is the most adapters any row mixes (1 for peft's `adapter_names`).
+LoraLinear reads the routing of the current call from a context variable, so the transformers model
+in between needs no new arguments, and concurrent calls in other threads each see their own."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence, Union
+
+import torch
+
+from lorakit.errors import LorakitError
+
+BASE = "__base__"
+RowSpec = Union[str, Mapping[str, float], None]
+
+
+@dataclass(frozen=True)
+class SlotTable:
+    """Which bank slot holds which adapter (slot 0 is the empty adapter). `version` changes whenever the
+    set of adapters or their weights change, so layers know when to rebuild their banks; `rank_width`
+    is the largest rank loaded (every bank slot is padded to it)."""
+
+    slot_of: Mapping[str, int]
+    version: int
+    rank_width: int
+
+
+@dataclass(frozen=True)
+class Routing:
+    slots: torch.Tensor  # (J, B) long, 0 = no adapter
+    weights: torch.Tensor  # (J, B) float scales
+    unit_weights: bool  # every used slot has weight 1: the scale multiply can be skipped
+    table: SlotTable
+
+    @property
+    def rows(self) -> int:
+        return self.slots.shape[1]
+
+
+_ROUTING: ContextVar[Routing | None] = ContextVar("lorakit_routing", default=None)
+
+
+def row_mix(spec: RowSpec) -> dict[str, float]:
+    """A row spec as {adapter: scale}; "__base__" / None is the empty mix."""
+    if spec is None or spec == BASE:
+        return {}
+    if isinstance(spec, str):
+        return {spec: 1.0}
+    if isinstance(spec, Mapping):
+        return {str(k): float(v) for k, v in spec.items() if k != BASE}
+    raise LorakitError(f"an adapter row spec must be a name, {BASE!r} or a {{name: scale}} mapping, not {type(spec).__name__}")
+
+
+def build_routing(rows: Sequence[RowSpec], table: SlotTable, device: torch.device | None = None) -> Routing:
+    """Routing tensors for `rows`, with adapter names resolved to bank slots by `table`.
+
+    Raises:
+        LorakitError: a row names an adapter that is not loaded (the error lists the loaded ones).
+    """
+    slot_of = table.slot_of
+    mixes = [row_mix(spec) for spec in rows]
+    unknown = sorted({name for mix in mixes for name in mix if name not in slot_of})
+    if unknown:
+        loaded = ", ".join(sorted(slot_of)) or "none"
+        raise LorakitError(f"no adapter named {unknown[0]!r}; loaded adapters: {loaded} (or {BASE!r} for the base model)")
+    depth = max((len(mix) for mix in mixes), default=0) or 1
+    slots = torch.zeros(depth, len(rows), dtype=torch.long)
+    weights = torch.zeros(depth, len(rows))
+    for b, mix in enumerate(mixes):
+        # A fixed order (by name) per row: its sum is the same whatever else shares the batch.
+        for j, name in enumerate(sorted(mix)):
+            slots[j, b] = slot_of[name]
+            weights[j, b] = mix[name]
+    unit = bool(((weights == 1) | (slots == 0)).all())
+    return Routing(slots.to(device), weights.to(device), unit, table)
+
+
+def current_routing() -> Routing | None:
+    return _ROUTING.get()
+
+
+@contextmanager
+def routed(routing: Routing | None) -> Iterator[None]:
+    """Every LoraLinear forward inside the block applies `routing` (None: the active adapters)."""
+    token = _ROUTING.set(routing)
+    try:
+        yield
+    finally:
+        _ROUTING.reset(token)
