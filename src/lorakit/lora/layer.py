@@ -112,7 +112,7 @@ class LoraLinear(nn.Module):
             return result
         routing = current_routing()
         if routing is not None:
-            return self._add_routed(result, x, routing)
+            return result if routing.base_only else self._add_routed(result, x, routing)
         for name in self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
                 result = self._add_adapter(result, x, name)

@@ -172,13 +172,19 @@ class LoraModel(nn.Module):
                 merge_ops._set_child(self.model, path, module.original_module)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False, **_: Any) -> LoraModel:
-        """peft's `PeftModel.from_pretrained(base, adapter_dir)`."""
+    def wrap(cls, model: nn.Module, adapter_name: str = "default") -> LoraModel:
+        """A wrapper holding no adapter yet (for loading adapters into, as a registry does)."""
         wrapper = cls.__new__(cls)
         nn.Module.__init__(wrapper)
         wrapper.model = model
         wrapper.peft_config = {}
         wrapper.active_adapter = adapter_name
+        return wrapper
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False, **_: Any) -> LoraModel:
+        """peft's `PeftModel.from_pretrained(base, adapter_dir)`."""
+        wrapper = cls.wrap(model, adapter_name)
         wrapper.load_adapter(model_id, adapter_name, is_trainable)
         return wrapper
 

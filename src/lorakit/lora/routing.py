@@ -39,6 +39,7 @@ class Routing:
     weights: torch.Tensor  # (J, B) float scales
     unit_weights: bool  # every used slot has weight 1: the scale multiply can be skipped
     table: SlotTable
+    base_only: bool  # no row uses any adapter: LoraLinear layers add nothing
 
     @property
     def rows(self) -> int:
@@ -80,7 +81,7 @@ def build_routing(rows: Sequence[RowSpec], table: SlotTable, device: torch.devic
             slots[j, b] = slot_of[name]
             weights[j, b] = mix[name]
     unit = bool(((weights == 1) | (slots == 0)).all())
-    return Routing(slots.to(device), weights.to(device), unit, table)
+    return Routing(slots.to(device), weights.to(device), unit, table, not bool(slots.any()))
 
 
 def current_routing() -> Routing | None:

@@ -1,0 +1,159 @@
+"""A lean forward pass of a Llama-style decoder over a slot KV cache, for generation.
+
+transformers' modules do the per-token work (embeddings, norms, rotary tables, MLPs, and the q/k/v/o
+projections, which may be LoraLinear layers and so apply each row's adapter); only attention and the
+cache are lorakit's. Rows of a batch are cache slots 0..B-1, so the cache is read as a view, never
+gathered: the engine keeps its running requests in the lowest slots.
+
+Shapes: B rows, T new tokens per row, H query heads, KVH key/value heads (G = H / KVH share one),
+D head size, L tokens cached per slot at most."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from lorakit.errors import LorakitError
+
+
+@dataclass
+class SlotCache:
+    """Keys and values of `slots` sequences of up to `length` tokens, per layer: (slots, KVH, L, D)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @classmethod
+    def allocate(cls, layers: int, slots: int, kv_heads: int, length: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> SlotCache:
+        shape = (slots, kv_heads, length, head_dim)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)])
+
+    @property
+    def slots(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def move(self, source: int, target: int, tokens: int) -> None:
+        """Copy slot `source`'s first `tokens` positions into slot `target` (compacting the running rows)."""
+        for table in (self.keys, self.values):
+            for layer in table:
+                layer[target, :, :tokens] = layer[source, :, :tokens]
+
+
+def decoder_parts(model: nn.Module) -> nn.Module:
+    """The decoder stack (`model.model` of a LlamaForCausalLM), checked to have the Llama layout."""
+    inner = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    layers = getattr(inner, "layers", None)
+    if inner is None or layers is None or not hasattr(inner, "rotary_emb") or not hasattr(layers[0], "self_attn"):
+        raise LorakitError(
+            f"the generation engine runs Llama-style decoders (Llama, Mistral, Qwen2, SmolLM); {type(model).__name__} "
+            "is not one: use transformers' generate for it"
+        )
+    return inner
+
+
+class SlotDecoder:
+    """Prefill and decode steps of one Llama-style causal LM over a SlotCache."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.inner = decoder_parts(model)
+        config = model.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.head = model.get_output_embeddings()
+        self.scale = self.head_dim**-0.5
+
+    def allocate(self, slots: int, length: int) -> SlotCache:
+        weight = self.inner.embed_tokens.weight
+        return SlotCache.allocate(len(self.inner.layers), slots, self.kv_heads, length, self.head_dim, weight.dtype, weight.device)
+
+    @torch.inference_mode()
+    def prefill(self, cache: SlotCache, first_slot: int, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Run right-padded prompts (B, T) from position 0 into slots first_slot.. first_slot+B-1;
+        returns the logits after each prompt's last real token, (B, V) in fp32.
+
+        Padding sits after each prompt, so causal attention never lets a real token see it; its cache
+        entries are overwritten by the first decoded tokens."""
+        rows, steps = input_ids.shape
+        positions = torch.arange(steps, device=input_ids.device).expand(rows, steps)
+        hidden = self.inner.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = self.inner.rotary_emb(hidden, positions)
+        slots = slice(first_slot, first_slot + rows)
+        for index, layer in enumerate(self.inner.layers):
+            residual = hidden
+            hidden = layer.input_layernorm(hidden)
+            q, k, v = self._qkv(layer.self_attn, hidden, cos, sin)  # (B, H|KVH, T, D)
+            cache.keys[index][slots, :, :steps] = k
+            cache.values[index][slots, :, :steps] = v
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+            hidden = residual + layer.self_attn.o_proj(out.transpose(1, 2).reshape(rows, steps, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        last = hidden[torch.arange(rows), lengths - 1]  # (B, C)
+        return self.head(self.inner.norm(last)).float()
+
+    @torch.inference_mode()
+    def decode(self, cache: SlotCache, tokens: torch.Tensor, positions: torch.Tensor, rowwise: bool = False) -> torch.Tensor:
+        """One new token for each of the rows in slots 0..B-1, at `positions` (B,); returns (B, V) fp32 logits.
+
+        `rowwise` attends row by row over exactly each row's own tokens, so a row's result does not
+        depend on the other rows' lengths (the batch-invariant mode)."""
+        rows = tokens.shape[0]
+        span = int(positions.max()) + 1  # cached positions any row attends to
+        hidden = self.inner.embed_tokens(tokens[:, None])  # (B, 1, C)
+        cos, sin = self.inner.rotary_emb(hidden, positions[:, None])
+        row_index = torch.arange(rows, device=tokens.device)
+        # Keys past a row's own position belong to nobody yet (or to a finished request): masked out.
+        masked = torch.arange(span, device=tokens.device)[None, :] > positions[:, None]  # (B, span)
+        masked = masked[:, None, None, :]  # (B, 1, 1, span)
+        for index, layer in enumerate(self.inner.layers):
+            residual = hidden
+            hidden = layer.input_layernorm(hidden)
+            q, k, v = self._qkv(layer.self_attn, hidden, cos, sin)  # q (B, H, 1, D), k/v (B, KVH, 1, D)
+            keys, values = cache.keys[index], cache.values[index]
+            keys[row_index, :, positions] = k[:, :, 0]
+            values[row_index, :, positions] = v[:, :, 0]
+            if rowwise:
+                out = torch.cat([self._attend(q[b : b + 1], keys[b : b + 1, :, : int(positions[b]) + 1],
+                                              values[b : b + 1, :, : int(positions[b]) + 1], None) for b in range(rows)])
+            else:
+                out = self._attend(q, keys[:rows, :, :span], values[:rows, :, :span], masked)
+            hidden = residual + layer.self_attn.o_proj(out.reshape(rows, 1, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.head(self.inner.norm(hidden[:, 0])).float()
+
+    def _qkv(self, attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        rows, steps, _ = hidden.shape
+        q = attn.q_proj(hidden).view(rows, steps, -1, self.head_dim)
+        k = attn.k_proj(hidden).view(rows, steps, -1, self.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms before rotary
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = attn.v_proj(hidden).view(rows, steps, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, masked: torch.Tensor | None) -> torch.Tensor:
+        """One query per row against its cached keys: (B, H, 1, D) -> (B, H, D). The G query heads that
+        share a key/value head are stacked as G query rows, so K and V are read once, never repeated."""
+        rows = q.shape[0]
+        groups = self.heads // self.kv_heads
+        q = q.reshape(rows, self.kv_heads, groups, self.head_dim)  # (B, KVH, G, D)
+        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.scale  # (B, KVH, G, span)
+        if masked is not None:
+            scores.masked_fill_(masked, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        return torch.matmul(probs, values).reshape(rows, self.heads, self.head_dim)  # (B, H, D)

@@ -1,0 +1,332 @@
+"""The generation engine: continuous batching at the token level over one base and many adapters.
+
+A background thread runs the loop. Between two decode steps it admits waiting requests (one prefill
+for all of them, right-padded) into free cache slots and drops the finished or cancelled ones, so a
+short request never waits for a long one. Every row carries its own adapter (or mix, or none) and its
+own sampling settings; tokens are streamed to the request's handle as they are made.
+
+Memory is bounded: the KV cache is allocated once (`max_batch` slots of `max_len` tokens); a request
+that finds no free slot waits, and one that can never fit is refused when submitted.
+
+Batch-invariant mode (`deterministic=True`): a request's tokens do not depend on what else runs.
+Prompts are prefilled one at a time at their exact length, every decode step runs all `max_batch`
+rows (idle ones padded) so matrix shapes never change, and attention runs row by row over exactly
+the row's own cached tokens."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.infer.decoder import SlotCache, SlotDecoder
+from lorakit.infer.registry import AdapterRegistry
+from lorakit.infer.sampling import SamplingParams, new_generator, next_tokens
+from lorakit.infer.text import TextStream
+from lorakit.lora.routing import RowSpec, build_routing, routed
+
+PREFILL_TOKENS = 4096  # prompt tokens (rows x padded length) admitted in one prefill at most
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string), "length" (max_tokens) or "cancelled"
+    prompt_tokens: int
+    submitted: float
+    first_token: float | None
+    finished: float
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class RequestHandle:
+    """What `Engine.submit` returns: iterate it for text pieces as they come, or call `result()`."""
+
+    def __init__(self, request_id: int, prompt_tokens: int) -> None:
+        self.id = request_id
+        self.prompt_tokens = prompt_tokens
+        self._events: queue.Queue[str | Completion | Exception] = queue.Queue()
+        self._done = threading.Event()
+        self._completion: Completion | None = None
+        self._error: Exception | None = None
+        self.cancelled = False
+        self.listener = None  # optional callable(event), called from the engine thread (servers wake their loop)
+
+    def cancel(self) -> None:
+        """Stop generating (a client went away); the slot is freed at the next step."""
+        self.cancelled = True
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            event = self._events.get()
+            if isinstance(event, Exception):
+                raise event
+            if isinstance(event, Completion):
+                return
+            yield event
+
+    def result(self, timeout: float | None = None) -> Completion:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish in {timeout} s")
+        if self._error is not None:
+            raise self._error
+        assert self._completion is not None
+        return self._completion
+
+    def _emit(self, event: str | Completion | Exception) -> None:
+        if isinstance(event, Completion):
+            self._completion = event
+        elif isinstance(event, Exception):
+            self._error = event
+        self._events.put(event)
+        if isinstance(event, (Completion, Exception)):
+            self._done.set()
+        if self.listener is not None:
+            self.listener(event)
+
+
+@dataclass
+class _Row:
+    handle: RequestHandle
+    prompt: list[int]
+    mix: dict[str, float]
+    params: SamplingParams
+    generator: torch.Generator | None
+    stream: TextStream
+    submitted: float
+    length: int = 0  # tokens in the cache
+    pending: int = -1  # the last sampled token, not yet in the cache
+    first_token: float | None = None
+    generated: list[int] = field(default_factory=list)
+
+
+class Engine:
+    """One base model (with a registry of adapters) serving many generation requests at once."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 32, max_len: int = 2048,
+                 deterministic: bool = False, max_loras: int | None = None) -> None:
+        self.registry = model if isinstance(model, AdapterRegistry) else AdapterRegistry(model, max_loras)
+        self.tokenizer = tokenizer
+        self.decoder = SlotDecoder(self.registry.model.model)
+        context = getattr(self.registry.model.config, "max_position_embeddings", max_len)
+        self.max_len = min(max_len, context)
+        self.max_batch = max_batch
+        self.deterministic = deterministic
+        self.cache: SlotCache = self.decoder.allocate(max_batch, self.max_len)
+        self.eos_ids = _eos_ids(self.registry.model.model, tokenizer)
+        self.device = self.decoder.inner.embed_tokens.weight.device
+        self._waiting: deque[_Row] = deque()
+        self._running: list[_Row] = []  # row i lives in cache slot i
+        self._wake = threading.Condition()
+        self._next_id = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # --- public API -------------------------------------------------------------------------------
+    def submit(self, prompt: str | Sequence[int], adapter: RowSpec = None, params: SamplingParams | None = None) -> RequestHandle:
+        """Queue one request; returns at once. `adapter`: a name, None / "__base__", or {name: scale}.
+
+        Raises:
+            LorakitError: bad sampling settings, an unknown adapter, or a prompt that cannot fit.
+        """
+        params = (params or SamplingParams()).validate()
+        ids = list(self.tokenizer.encode(prompt, add_special_tokens=False)) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise LorakitError("the prompt is empty; give at least one token")
+        if len(ids) >= self.max_len:
+            raise LorakitError(f"the prompt has {len(ids)} tokens but the context holds {self.max_len}; shorten it")
+        if len(ids) + params.max_tokens > self.max_len:
+            raise LorakitError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {self.max_len}; "
+                f"lower max_tokens to at most {self.max_len - len(ids)}"
+            )
+        mix = self.registry.acquire(adapter)
+        with self._wake:
+            handle = RequestHandle(self._next_id, len(ids))
+            self._next_id += 1
+            self._waiting.append(_Row(handle, ids, mix, params, new_generator(params), TextStream(self.tokenizer, params.stop), time.perf_counter()))
+            self._wake.notify()
+        self._ensure_thread()
+        return handle
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a chat, rendered with the tokenizer's chat template, ready for the reply."""
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise LorakitError("this tokenizer has no chat template; send a plain prompt instead")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], adapters: Sequence[RowSpec] | None = None,
+                 params: SamplingParams | None = None) -> list[Completion]:
+        """Run many requests through the engine together and wait for all of them."""
+        adapters = list(adapters) if adapters is not None else [None] * len(prompts)
+        handles = [self.submit(p, a, params) for p, a in zip(prompts, adapters)]
+        return [h.result() for h in handles]
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) requests."""
+        return len(self._running), len(self._waiting)
+
+    def close(self, cancel: bool = False) -> None:
+        """Stop the loop once the running and waiting requests are done (or cancelled, with `cancel`)."""
+        with self._wake:
+            if cancel:
+                for row in [*self._running, *self._waiting]:
+                    row.handle.cancel()
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._stopping = False
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._running and not self._stopping:
+                    self._wake.wait()
+                if self._stopping and not self._waiting and not self._running:
+                    return
+            try:
+                with self.registry.lock:
+                    self.step()
+            except Exception as error:  # one bad step must not kill the loop: fail the rows it touched
+                for row in [*self._running]:
+                    self._finish(row, error=error)
+                self._running.clear()
+
+    def step(self) -> None:
+        """Admit waiting requests, then make one token for every running one."""
+        self._drop_cancelled()
+        self._admit()
+        if self._running:
+            self._decode()
+            self.steps += 1
+
+    def _drop_cancelled(self) -> None:
+        with self._wake:
+            for row in [r for r in self._waiting if r.handle.cancelled]:
+                self._waiting.remove(row)
+                self._finish(row, "cancelled")
+        for row in [r for r in self._running if r.handle.cancelled]:
+            self._retire(row, "cancelled")
+
+    def _admit(self) -> None:
+        new: list[_Row] = []
+        with self._wake:
+            budget = PREFILL_TOKENS
+            while self._waiting and len(self._running) + len(new) < self.max_batch:
+                cost = len(self._waiting[0].prompt) * (len(new) + 1)
+                if new and (cost > budget or self.deterministic):
+                    break
+                new.append(self._waiting.popleft())
+        if not new:
+            return
+        if self.deterministic:
+            for row in new:
+                self._prefill([row])
+        else:
+            self._prefill(new)
+
+    def _prefill(self, rows: list[_Row]) -> None:
+        first_slot = len(self._running)
+        longest = max(len(r.prompt) for r in rows)
+        ids = torch.zeros(len(rows), longest, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row.prompt)] = torch.tensor(row.prompt)
+        lengths = torch.tensor([len(r.prompt) for r in rows])
+        with routed(self._routing(rows)):
+            logits = self.decoder.prefill(self.cache, first_slot, ids.to(self.device), lengths.to(self.device))
+        self._running.extend(rows)
+        now = time.perf_counter()
+        for row in rows:  # every length first: accepting a token may retire a row and move another
+            row.length, row.first_token = len(row.prompt), now
+        for row, token in zip(rows, next_tokens(logits, [r.params for r in rows], [r.generator for r in rows])):
+            self._accept(row, token)
+
+    def _decode(self) -> None:
+        rows = list(self._running)
+        pad = self.max_batch - len(rows) if self.deterministic else 0
+        tokens = torch.tensor([r.pending for r in rows] + [0] * pad, device=self.device)
+        positions = torch.tensor([r.length for r in rows] + [0] * pad, device=self.device)
+        with routed(self._routing(rows, pad)):
+            logits = self.decoder.decode(self.cache, tokens, positions, rowwise=self.deterministic)
+        chosen = next_tokens(logits[: len(rows)], [r.params for r in rows], [r.generator for r in rows])
+        for row in rows:  # every length first: accepting a token may retire a row and move another
+            row.length += 1
+        for row, token in zip(rows, chosen):
+            self._accept(row, token)
+
+    def _routing(self, rows: list[_Row], pad: int = 0):
+        if not self.registry.model.peft_config:
+            return None
+        specs: list[RowSpec] = [r.mix for r in rows] + [None] * pad
+        return build_routing(specs, self.registry.model.slot_table, self.device)
+
+    def _accept(self, row: _Row, token: int) -> None:
+        """Record a sampled token: stream its text, or finish the row on EOS / stop / length."""
+        if token in self.eos_ids:
+            self._retire(row, "stop")
+            return
+        row.generated.append(token)
+        piece = row.stream.add(token)
+        if piece:
+            row.handle._emit(piece)
+        if row.stream.stopped:
+            self._retire(row, "stop")
+        elif len(row.generated) >= row.params.max_tokens or row.length + 1 >= self.max_len:
+            self._retire(row, "length")
+        else:
+            row.pending = token
+
+    def _retire(self, row: _Row, reason: str) -> None:
+        """Take a running row out and keep the running rows in the lowest slots: the last row moves
+        into the freed slot (its cache copied), so decode reads slots 0..B-1 as one view."""
+        slot = self._running.index(row)
+        last = len(self._running) - 1
+        if slot != last:
+            moved = self._running[last]
+            self.cache.move(last, slot, moved.length)
+            self._running[slot] = moved
+        self._running.pop()
+        self._finish(row, reason)
+
+    def _finish(self, row: _Row, reason: str | None = None, error: Exception | None = None) -> None:
+        self.registry.release(row.mix)
+        if error is not None:
+            row.handle._emit(error)
+            return
+        tail = row.stream.flush()
+        if tail:
+            row.handle._emit(tail)
+        row.handle._emit(Completion(row.stream.text, list(row.generated), reason or "stop", len(row.prompt),
+                                    row.submitted, row.first_token, time.perf_counter()))
+
+
+def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is None:
+            continue
+        ids.update(value if isinstance(value, (list, tuple, set)) else [value])
+    return ids

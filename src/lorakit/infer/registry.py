@@ -1,0 +1,121 @@
+"""Many adapters on one base: load, list and unload peft-format adapters by name.
+
+An optional cap on adapters held in memory evicts the least recently used one that is neither pinned
+nor serving a request. Loading reads and checks the files before the model changes (LoraModel's
+load_adapter), so a bad adapter leaves the registry as it was. Every change to the model happens
+under `lock`, which the generation engine holds for each step."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.lora.model import LoraModel
+from lorakit.lora.routing import BASE, RowSpec, row_mix
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    path: str
+    r: int
+    lora_alpha: float
+    target_modules: tuple[str, ...]
+    pinned: bool
+
+
+class AdapterRegistry:
+    def __init__(self, model: nn.Module, max_loaded: int | None = None) -> None:
+        self.model = model if isinstance(model, LoraModel) else LoraModel.wrap(model)
+        self.model.eval()
+        self.max_loaded = max_loaded
+        self.lock = threading.RLock()
+        self._paths: dict[str, str] = {name: "" for name in self.model.peft_config}
+        self._pinned: set[str] = set()
+        self._in_use: dict[str, int] = {}
+        self._recent: OrderedDict[str, None] = OrderedDict((n, None) for n in self.model.peft_config)
+
+    # --- loading ----------------------------------------------------------------------------------
+    def load(self, name: str, directory: str | os.PathLike, pin: bool = False) -> AdapterInfo:
+        """Load the adapter in `directory` as `name` (evicting the least recently used one if at the cap).
+
+        Raises:
+            LorakitError: a bad name, a name already loaded, nothing evictable, or an adapter that does
+                not fit the base; the registry is unchanged.
+        """
+        if not ADAPTER_NAME.fullmatch(name) or name == BASE:
+            raise LorakitError(f"adapter name {name!r} is not allowed; use letters, digits, '.', '_' and '-' only")
+        with self.lock:
+            if name in self._paths:
+                raise LorakitError(f"adapter {name!r} is already loaded; unload it first or pick another name")
+            victim = self._eviction_victim()
+            self.model.load_adapter(directory, name)  # checks everything before changing the model
+            if victim is not None:
+                self.unload(victim)
+            self._paths[name] = str(Path(directory).resolve())
+            self._recent[name] = None
+            if pin:
+                self._pinned.add(name)
+            return self.info(name)
+
+    def unload(self, name: str) -> None:
+        with self.lock:
+            self._check_known([name])
+            if self._in_use.get(name):
+                raise LorakitError(f"adapter {name!r} is serving {self._in_use[name]} request(s); unload it when they finish")
+            self.model.delete_adapter(name)
+            for table in (self._paths, self._recent, self._in_use):
+                table.pop(name, None)
+            self._pinned.discard(name)
+
+    def _eviction_victim(self) -> str | None:
+        if self.max_loaded is None or len(self._paths) < self.max_loaded:
+            return None
+        for name in self._recent:  # oldest first
+            if name not in self._pinned and not self._in_use.get(name):
+                return name
+        raise LorakitError(
+            f"all {len(self._paths)} loaded adapters are pinned or serving requests; unload one or raise the cap ({self.max_loaded})"
+        )
+
+    # --- looking up -------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._paths)
+
+    def info(self, name: str) -> AdapterInfo:
+        self._check_known([name])
+        config = self.model.peft_config[name]
+        targets = config.target_modules if isinstance(config.target_modules, (list, tuple, set)) else [config.target_modules]
+        return AdapterInfo(name, self._paths[name], config.r, config.lora_alpha, tuple(sorted(targets)), name in self._pinned)
+
+    def _check_known(self, names: list[str]) -> None:
+        unknown = [n for n in names if n not in self._paths]
+        if unknown:
+            loaded = ", ".join(self._paths) or "none"
+            raise LorakitError(f"no adapter named {unknown[0]!r}; loaded adapters: {loaded}")
+
+    # --- use by requests --------------------------------------------------------------------------
+    def acquire(self, spec: RowSpec) -> dict[str, float]:
+        """Mark the adapters of a request's row spec in use (never evicted until released)."""
+        mix = row_mix(spec)
+        with self.lock:
+            self._check_known(list(mix))
+            for name in mix:
+                self._in_use[name] = self._in_use.get(name, 0) + 1
+                self._recent.move_to_end(name)
+        return mix
+
+    def release(self, mix: dict[str, float]) -> None:
+        with self.lock:
+            for name in mix:
+                if self._in_use.get(name):
+                    self._in_use[name] -= 1
