@@ -1,5 +1,5 @@
-"""Merging an adapter trained on a quantized base: dequantize, merge in fp32, write dense; re-quantize
-only when asked, and then say what it cost."""
+"""`merge_to_directory` (the `lorakit merge` pipeline) on an adapter trained on a quantized base:
+dequantize, merge in fp32, write dense; re-quantize only when asked, and then say what it cost."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from lorakit import load_model
+from lorakit.errors import LorakitError
+from lorakit.merge import merge_to_directory
 from lorakit.quant.config import QuantConfig
-from lorakit.quant.merge import merge_to_directory, read_quant_record, write_quant_record
-from tests.quant.qhelpers import batch, save_tiny_llama, train_quantized_adapter
+from lorakit.quant.record import write_quant_record
+from tests.quant.qhelpers import save_tiny_llama, train_quantized_adapter
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +27,6 @@ def trained(tmp_path_factory):
     model.save_pretrained(root / "adapter")
     write_quant_record(root / "adapter", QuantConfig("nf4"))
     return base_dir, root / "adapter"
-
-
-def test_quant_record_round_trips(trained):
-    _, adapter_dir = trained
-    assert read_quant_record(adapter_dir) == QuantConfig("nf4")
 
 
 def test_dense_merge_is_plain_bf16_and_loads_without_lorakit(trained, tmp_path):
@@ -65,8 +62,6 @@ def test_requantized_merge_is_marked_quantized_and_costs_more(trained, tmp_path)
 
 
 def test_bad_dtype_is_one_clear_error(trained, tmp_path):
-    from lorakit.errors import LorakitError
-
     base_dir, adapter_dir = trained
     with pytest.raises(LorakitError, match="use bf16, fp16 or fp32"):
         merge_to_directory(base_dir, adapter_dir, tmp_path / "x", dtype="int4")

@@ -7,7 +7,7 @@ import torch
 
 from lorakit import LoraConfig, get_peft_model, load_model, prepare_model_for_kbit_training
 from lorakit.lora.layer import LoraLinear
-from lorakit.quant.load import detect_quantization, quantized_layers
+from lorakit.quant.detect import detect_quantization, quantized_layers
 from lorakit.quant.prepare import is_norm
 from tests.quant.qhelpers import adapter_params, batch, save_tiny_llama
 
@@ -144,20 +144,3 @@ def test_prepare_after_get_peft_model_keeps_adapters_trainable(model_dir):
     assert all(p.requires_grad for p in adapter_params(model).values())
     assert sum(p.requires_grad for p in model.parameters()) == 4
 
-
-def test_quantized_load_keeps_no_view_of_the_checkpoint_file(model_dir):
-    """Unquantized bf16 tensors handed out as views of the mmapped file would keep every page
-    quantization read resident (2.1 GB for a 1.1B model); lorakit copies them out."""
-    from transformers import AutoModelForCausalLM
-
-    from lorakit.quant.config import QuantConfig
-    from lorakit.quant.load import _inside, _safetensors_mappings, bnb_config, own_unquantized_tensors
-
-    plain = AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=bnb_config(QuantConfig("nf4")),
-                                                 dtype=torch.bfloat16, device_map={"": "cpu"})
-    if not any(_inside(p, _safetensors_mappings()) for p in plain.parameters()):
-        pytest.skip("this transformers version copies tensors on load; nothing to fix")
-    assert own_unquantized_tensors(plain) > 0
-    assert not any(_inside(p, _safetensors_mappings()) for p in plain.parameters())
-    ours = load_model(model_dir, quantization="nf4")
-    assert not any(_inside(p, _safetensors_mappings()) for p in ours.parameters())

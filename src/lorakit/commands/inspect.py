@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from lorakit.config import LoraConfig
+from lorakit.lora.layer import LoraLinear
+from lorakit.lora.model import get_peft_model
+from lorakit.lora.targets import is_linear_like
+from lorakit.models.load import load_model, load_tokenizer
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,13 +40,6 @@ def lora_config_from_args(args: argparse.Namespace) -> LoraConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from lorakit.lora.layer import LoraLinear
-    from lorakit.lora.model import get_peft_model
-    from lorakit.lora.targets import is_linear_like
-    from lorakit.models.load import load_model, load_tokenizer
-
     config = lora_config_from_args(args)
     model = load_model(args.model, dtype=torch.float32)
     shapes: dict[tuple[str, tuple], int] = {}

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from lorakit.merge import merge_to_directory
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("merge", help="merge an adapter into its base model and write a transformers model directory")
@@ -27,8 +29,6 @@ def base_for(adapter: str, model: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.quant.merge import merge_to_directory
-
     report = merge_to_directory(base_for(args.adapter, args.model), args.adapter, args.output, dtype=args.dtype,
                                 quantization=args.quantization, requantize=args.requantize)
     for line in report.lines():

@@ -9,6 +9,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+import torch
+
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_directory
 
@@ -47,8 +49,7 @@ def default_model_dir() -> Path:
 
 def _convert_gguf(source: Path, out_dir: Path) -> None:
     """GGUF-loaded models refuse save_pretrained; copy the weights into a plain model of the same config."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # here: seconds of import, needed once per cache
 
     gguf_model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
     config = gguf_model.config

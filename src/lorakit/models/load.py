@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
+from lorakit.dtypes import parse_dtype
 from lorakit.errors import LorakitError
 from lorakit.models.default import DEFAULT_NAME, default_model_dir
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+from lorakit.quant.config import QuantConfig
+from lorakit.quant.load import load_quantized
 
 
 def resolve_model_dir(name_or_dir: str | os.PathLike) -> Path:
@@ -28,40 +29,32 @@ def resolve_model_dir(name_or_dir: str | os.PathLike) -> Path:
     )
 
 
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise LorakitError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def load_model(name_or_dir: str | os.PathLike = DEFAULT_NAME, dtype: str | torch.dtype | None = torch.float32, attn_implementation: str = "sdpa", quantization=None, **kwargs):
+def load_model(name_or_dir: str | os.PathLike = DEFAULT_NAME, dtype: str | torch.dtype | None = torch.float32,
+               attn_implementation: str = "sdpa", quantization: QuantConfig | str | None = None, **kwargs):
     """A transformers AutoModelForCausalLM from a local directory; never touches the network.
 
-    `quantization` ("nf4" | "fp4" | "int8" or a lorakit.quant.QuantConfig) loads the base through
-    bitsandbytes; the layers it leaves unquantized are then held in the config's compute dtype."""
-    from transformers import AutoModelForCausalLM
+    `quantization` ("nf4" | "fp4" | "int8" or a QuantConfig) loads the base through bitsandbytes; the
+    layers it leaves unquantized are then held in the config's compute dtype (`dtype` is ignored).
 
+    Raises:
+        LorakitError: no such model directory, or an unknown dtype name.
+    """
+    from transformers import AutoModelForCausalLM  # here: transformers' model classes cost seconds to import
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     path = resolve_model_dir(name_or_dir)
-    # --- quantized base (lorakit.quant) ---
-    if quantization is not None:
-        from lorakit.quant.config import QuantConfig
-        from lorakit.quant.load import load_quantized
-
-        quant = QuantConfig.coerce(quantization)
-        if quant.enabled:
-            return load_quantized(path, quant, attn_implementation=attn_implementation, **kwargs)
-    # --- end quantized base ---
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=parse_dtype(dtype), attn_implementation=attn_implementation, local_files_only=True, **kwargs)
-    return model
+    quant = QuantConfig.coerce(quantization) if quantization is not None else None
+    if quant is not None and quant.enabled:
+        return load_quantized(path, quant, attn_implementation=attn_implementation, **kwargs)
+    torch_dtype = parse_dtype(dtype) if dtype is not None else None
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, attn_implementation=attn_implementation,
+                                                local_files_only=True, **kwargs)
 
 
 def load_tokenizer(name_or_dir: str | os.PathLike = DEFAULT_NAME):
-    from transformers import AutoTokenizer
+    """The model's tokenizer, with the EOS token as padding when it has no pad token."""
+    from transformers import AutoTokenizer  # here: see load_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(name_or_dir)), local_files_only=True)
     if tokenizer.pad_token is None:

@@ -19,10 +19,11 @@ import warnings
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.lora.base_layer import is_4bit
 
 
 def _is_linear4bit(module: nn.Module) -> bool:
-    return type(getattr(module, "weight", None)).__name__ == "Params4bit"
+    return is_4bit(getattr(module, "weight", None))
 
 
 def is_repacked(module: nn.Module) -> bool:
@@ -41,7 +42,7 @@ def keep_layer_trainable(module: nn.Module) -> bool:
     module.support_avx512bf16_for_cpu = False
     if not is_repacked(module):
         return False
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # only reached with bitsandbytes loaded
 
     module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, module.weight.quant_state)
     return True

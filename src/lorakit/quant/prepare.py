@@ -22,7 +22,8 @@ from torch import nn
 from lorakit.quant.guard import keep_4bit_trainable
 
 ADAPTER_PARTS = (".lora_A.", ".lora_B.", ".modules_to_save.", ".lora_embedding_A.", ".lora_embedding_B.")
-_HOOK_ATTR = "_lorakit_fp32_norm_hook"
+FP32_NORM_HOOK = "_lorakit_fp32_norm_hook"
+"""Attribute holding a norm layer's fp32 hook handle (requantize.py removes the hooks again)."""
 
 
 def prepare_model_for_kbit_training(
@@ -69,8 +70,8 @@ def upcast_norms(model: nn.Module) -> int:
         for param in module.parameters(recurse=False):
             if param.is_floating_point() and param.dtype != torch.float32:
                 param.data = param.data.float()
-        if getattr(module, _HOOK_ATTR, None) is None:
-            setattr(module, _HOOK_ATTR, module.register_forward_hook(_output_in_input_dtype))
+        if getattr(module, FP32_NORM_HOOK, None) is None:
+            setattr(module, FP32_NORM_HOOK, module.register_forward_hook(_output_in_input_dtype))
         count += 1
     return count
 
