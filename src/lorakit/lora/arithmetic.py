@@ -51,7 +51,9 @@ class AdapterFactors:
 
     @property
     def scaling(self) -> float:
-        return self.config.scaling
+        """lora_alpha / r (or / sqrt(r) with rsLoRA): what delta W = scaling * B A multiplies by."""
+        rank = math.sqrt(self.config.r) if self.config.use_rslora else self.config.r
+        return self.config.lora_alpha / rank
 
 
 # --- merging a list of tensors (peft's merge_utils) -----------------------------------------------
