@@ -8,7 +8,7 @@ import sys
 
 from lorakit.errors import LorakitError
 
-COMMANDS = ["train", "generate", "merge", "inspect", "estimate"]
+COMMANDS = ["train", "generate", "merge", "inspect", "estimate", "combine"]
 
 
 def build_parser() -> argparse.ArgumentParser:
