@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from lorakit.errors import LorakitError
+from lorakit.estimate import estimate
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
@@ -23,14 +26,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-qlora-checkpointing", action="store_true", help="assume QLoRA runs without activation checkpointing")
     parser.add_argument("--allocator", default="glibc", choices=["glibc", "mmap"],
                         help="glibc: the CPU allocator as lorakit train leaves it (keeps freed activations resident); "
-                             "mmap: with lorakit.train.malloc's fixed mmap threshold")
+                             "mmap: with a fixed 1 MB mmap threshold (bench/malloc.py)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.errors import LorakitError
-    from lorakit.estimate import estimate
-
     problems = [f"--{name} must be a positive integer (got {getattr(args, name.replace('-', '_'))})"
                 for name in ("r", "seq-len", "batch") if getattr(args, name.replace("-", "_")) <= 0]
     if problems:
