@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -92,22 +93,43 @@ def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
+    """The adapter's LoraConfig from its adapter_config.json.
+
+    Raises:
+        LorakitError: the file is missing, is not JSON, or does not hold a JSON object.
+    """
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise LorakitError(f"no {CONFIG_NAME} in {directory}; point at a directory written by save_pretrained")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise LorakitError(f"{path} is not valid JSON ({err}); re-save the adapter") from err
+    except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8 text
+        raise LorakitError(f"{path} is not valid JSON ({_one_line(err)}); re-save or re-download the adapter") from err
+    if not isinstance(data, dict):
+        raise LorakitError(f"{path} holds a JSON {type(data).__name__}, not an object of LoRA settings; re-save or re-download the adapter")
     return LoraConfig.from_peft_dict(data)
 
 
 def read_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of adapter_model.safetensors, under peft's key names.
+
+    Raises:
+        LorakitError: the file is missing (or only a pickled adapter_model.bin is there), or it is not
+            a readable safetensors file (a damaged header, a truncated download).
+    """
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         hint = " (lorakit never unpickles adapter_model.bin; convert it to safetensors)" if (Path(directory) / "adapter_model.bin").exists() else ""
         raise LorakitError(f"no {WEIGHTS_NAME} in {directory}{hint}")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise LorakitError(f"{path} is not a valid safetensors file ({_one_line(err)}); re-save or re-download the adapter") from err
+
+
+def _one_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def to_model_keys(tensors: dict[str, torch.Tensor], model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
