@@ -216,3 +216,42 @@ def test_factors_of_reads_views_with_the_config_scaling(adapter_dirs) -> None:
     assert factors.scaling == 16 / 4 and len(factors.factors) == 3 * 2
     path = "model.layers.1.mlp.down_proj"
     assert factors.factors[path][0].shape == (4, 128) and factors.factors[path][1].shape == (64, 4)
+
+
+@pytest.mark.parametrize("combination_type, kwargs", [("cat", {}), ("svd", dict(svd_rank=3)), ("ties", dict(density=0.5))])
+def test_gpt2_conv1d_matches_peft(tmp_path, combination_type, kwargs) -> None:
+    """GPT-2 stores Conv1D weights as (in, out); the factors are (r, in) / (out, r) all the same."""
+    from tests.helpers import make_tiny_gpt2
+
+    for seed, name in enumerate("xy"):
+        model = peft.get_peft_model(make_tiny_gpt2(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True))
+        generator = torch.Generator().manual_seed(seed + 30)
+        with torch.no_grad():
+            for key, param in model.named_parameters():
+                if "lora_" in key:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+        model.save_pretrained(str(tmp_path / name))
+    theirs = peft.PeftModel.from_pretrained(make_tiny_gpt2(), str(tmp_path / "x"), adapter_name="x")
+    theirs.load_adapter(str(tmp_path / "y"), adapter_name="y")
+    ours = lorakit.PeftModel.from_pretrained(make_tiny_gpt2(), tmp_path / "x", adapter_name="x")
+    ours.load_adapter(tmp_path / "y", adapter_name="y")
+    theirs.add_weighted_adapter(["x", "y"], [0.8, -0.5], "mix", combination_type=combination_type, **kwargs)
+    add_weighted_adapter(ours, ["x", "y"], [0.8, -0.5], "mix", combination_type=combination_type, **kwargs)
+    expected, got = peft_factors(theirs, "mix"), lorakit_factors(ours, "mix")
+    assert list(got) == list(expected)
+    for path, (_, _, delta) in expected.items():
+        torch.testing.assert_close(got[path][2], delta, rtol=1e-5, atol=1e-6, msg=path)
+    torch.testing.assert_close(logits(ours, "mix"), logits(theirs, "mix"), rtol=1e-5, atol=1e-5)
+
+
+def test_a_config_that_would_drop_an_input_layer_is_refused(adapter_dirs, tmp_path) -> None:
+    """peft copies the first adapter's exclude_modules, silently dropping a layer only the others adapt."""
+    write_peft_adapter(tmp_path / "d", 7, r=4, lora_alpha=8, target_modules=["v_proj"], exclude_modules=["model.layers.0.self_attn.v_proj"])
+    ours = lorakit.PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "d", adapter_name="d")
+    ours.load_adapter(adapter_dirs["a"], adapter_name="a")
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    with pytest.raises(LorakitError, match=r"would skip model.layers.0.self_attn.v_proj, unlike the inputs; give the adapters the same exclude_modules"):
+        add_weighted_adapter(ours, ["d", "a"], [0.5, 0.5], "mix", combination_type="cat")
+    assert list(ours.peft_config) == ["d", "a"]
+    after = ours.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
