@@ -47,9 +47,15 @@ def test_config_error_is_a_value_error_and_a_lorakit_error() -> None:
         LoraConfig(r=0)
 
 
-def test_scaling_plain_and_rslora() -> None:
-    assert LoraConfig(r=16, lora_alpha=32).scaling == 2.0
-    assert LoraConfig(r=16, lora_alpha=32, use_rslora=True).scaling == 8.0
+def test_every_field_is_documented_once_and_settings_are_the_user_facing_ones() -> None:
+    import dataclasses
+
+    from lorakit.config import settings
+
+    assert all(f.metadata.get("help") for f in dataclasses.fields(LoraConfig))
+    names = [f.name for f in settings(LoraConfig)]
+    assert "exclude_modules" in names and "task_type" in names
+    assert not {"fan_in_fan_out", "base_model_name_or_path", "inference_mode"} & set(names)
 
 
 def test_task_type_enum_is_stored_as_its_name() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lorakit.errors import ConfigError
@@ -27,32 +27,38 @@ class TaskType(str, enum.Enum):
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
+def setting(default: Any, help: str, *, cli: bool = True) -> Any:
+    """A dataclass field documented once: `help` is what `lorakit train --help` prints for it. `cli=False`
+    keeps a field out of the training settings (recorded in files, not chosen by users)."""
+    metadata = {"help": help, "cli": cli}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def settings(cls: type) -> list[dataclasses.Field]:
+    """The fields of a config dataclass that users set (documented with `setting(..., cli=True)`)."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli")]
+
+
 @dataclass
 class LoraConfig:
     """What to adapt and how; field names and defaults follow peft's `LoraConfig`."""
 
-    r: int = 8
-    """Rank of the update B A."""
-    lora_alpha: float = 8
-    """Scale numerator: the update is multiplied by lora_alpha / r (or / sqrt(r) with rsLoRA)."""
-    target_modules: list[str] | str | None = None
-    """Exact names or dotted suffixes (list), a regex full-matched against the module path (str),
-    or "all-linear" (every linear layer except the output head)."""
-    exclude_modules: list[str] | str | None = None
-    """Modules never adapted, matched like target_modules."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA path's input only."""
-    bias: str = "none"
-    """Which biases train: "none", "all", or "lora_only" (those of adapted layers)."""
-    modules_to_save: list[str] | None = None
-    """Modules trained in full and saved with the adapter (e.g. a classifier head)."""
-    use_rslora: bool = False
-    """Scale by lora_alpha / sqrt(r) instead of lora_alpha / r."""
-    fan_in_fan_out: bool = False
-    """True for GPT-2's Conv1D, which stores its weight as (in, out)."""
-    task_type: TaskType | str | None = None
-    base_model_name_or_path: str | None = None
-    inference_mode: bool = False
+    r: int = setting(8, "LoRA rank: the update B A has this inner dimension")
+    lora_alpha: float = setting(8, "scale numerator: updates are multiplied by lora_alpha / r (or / sqrt(r) with use_rslora)")
+    target_modules: list[str] | str | None = setting(
+        None, "layer names or dotted suffixes (a list), a regex full-matched against the module path (a string), "
+        "or 'all-linear' (every linear layer except the output head)")
+    exclude_modules: list[str] | str | None = setting(None, "modules never adapted, matched like target_modules")
+    lora_dropout: float = setting(0.0, "dropout on the LoRA path's input only")
+    bias: str = setting("none", "none | all | lora_only: which biases train (lora_only: those of adapted layers)")
+    modules_to_save: list[str] | None = setting(None, "modules trained in full and saved with the adapter (e.g. a classifier head)")
+    use_rslora: bool = setting(False, "scale by lora_alpha / sqrt(r) instead of lora_alpha / r")
+    fan_in_fan_out: bool = setting(False, "True for GPT-2's Conv1D, which stores its weight as (in, out); set from the layers", cli=False)
+    task_type: TaskType | str | None = setting(None, "what the model is trained for (peft's task types)")
+    base_model_name_or_path: str | None = setting(None, "the base model the adapter was trained on", cli=False)
+    inference_mode: bool = setting(False, "frozen adapter (written True in adapter_config.json)", cli=False)
 
     def __post_init__(self) -> None:
         # peft accepts sets (and stores them as lists); so does lorakit.
@@ -62,10 +68,6 @@ class LoraConfig:
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
         self.validate()
-
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
 
     def problems(self) -> list[str]:
         """Every problem with the values, so the user can fix them all at once."""
@@ -142,4 +144,4 @@ def replace(config: LoraConfig, **changes: Any) -> LoraConfig:
     return dataclasses.replace(config, **changes)
 
 
-__all__ = ["LoraConfig", "TaskType", "BIAS_MODES", "replace"]
+__all__ = ["LoraConfig", "TaskType", "BIAS_MODES", "replace", "setting", "settings"]

@@ -1,14 +1,13 @@
-"""QuantConfig: values, validation that reports everything at once, and the CLI arguments."""
+"""QuantConfig: values, validation that reports everything at once, documented fields."""
 
 from __future__ import annotations
-
-import argparse
 
 import pytest
 import torch
 
 from lorakit.errors import ConfigError
-from lorakit.quant.config import QuantConfig, add_quant_arguments, quant_config_from_args
+from lorakit.config import settings
+from lorakit.quant.config import QuantConfig
 
 
 def test_defaults_and_meaning():
@@ -50,10 +49,6 @@ def test_from_dict_and_coerce():
         QuantConfig.coerce(4)
 
 
-def test_cli_arguments():
-    parser = argparse.ArgumentParser()
-    add_quant_arguments(parser)
-    assert quant_config_from_args(parser.parse_args(["--quantization", "nf4", "--no-double-quant"])) == QuantConfig("nf4", False)
-    assert quant_config_from_args(parser.parse_args([])) == QuantConfig()
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--quantization", "int4"])
+def test_every_field_is_a_documented_setting():
+    assert [f.name for f in settings(QuantConfig)] == ["quantization", "double_quant", "compute_dtype", "skip_modules"]
+    assert all(f.metadata["help"] for f in settings(QuantConfig))

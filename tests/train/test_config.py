@@ -41,7 +41,13 @@ def problems_for(overrides=None, yaml_text=None, tmp_path=None):
     ({"save_steps": "-5"}, "save_steps must be >= 0"),
     ({"optim": "sgd"}, "optim must be one of"),
     ({"quantization": "nf3"}, "quantization must be one of"),
-    ({"dtype": "int4"}, "model dtype must be bfloat16 or float32"),
+    ({"dtype": "int4"}, "model dtype must be one of float32, fp32, bfloat16"),
+    ({"save_total_limit": "-1"}, "save_total_limit must be >= 0"),
+    ({"eval_steps": "-1"}, "eval_steps must be >= 0"),
+    ({"task_type": "SEQ_CLS"}, "task_type 'SEQ_CLS' is not supported by lorakit train yet; use CAUSAL_LM"),
+    ({"task_type": "CAUSAL"}, "task_type 'CAUSAL' is unknown"),
+    ({"double_quant": "true", "quantization": "int8"}, "double_quant applies to nf4 / fp4 only"),
+    ({"lora.max_steps": "3"}, "unknown setting 'lora.max_steps'"),
 ])
 def test_each_error_message(overrides, message):
     assert message in problems_for(overrides)
@@ -68,6 +74,29 @@ def test_yaml_sections_flat_keys_and_overrides(tmp_path):
     assert config.train.output_dir == str(tmp_path / "o")
 
 
+def test_sections_are_the_library_config_types_with_training_defaults(tmp_path):
+    from lorakit import LoraConfig, QuantConfig
+
+    path = tmp_path / "run.yaml"
+    # exclude_modules could not be set from YAML when the lora section re-declared LoraConfig's fields
+    path.write_text("model:\n  name: default\n  quantization: none\nlora:\n  exclude_modules: [o_proj]\nquant:\n  compute_dtype: float32\n")
+    config = load_run_config(path, {"modules_to_save": "lm_head,embed_tokens"})
+    assert isinstance(config.lora, LoraConfig) and isinstance(config.quant, QuantConfig)
+    assert config.lora.exclude_modules == ["o_proj"] and config.lora.modules_to_save == ["lm_head", "embed_tokens"]
+    assert (config.lora.r, config.lora.lora_alpha, config.lora.task_type) == (16, 32, "CAUSAL_LM")
+    assert config.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert config.quant == QuantConfig(compute_dtype="float32")
+
+
+def test_written_config_reads_back_the_same(tmp_path):
+    import yaml
+
+    config = load_run_config(None, {"r": "4", "exclude_modules": "o_proj", "save_total_limit": "2", "eval_steps": "5"})
+    path = tmp_path / "lorakit_config.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    assert load_run_config(path) == config
+
+
 def test_cli_config_error_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["train", "--output_dir", str(out), "--r", "0", "--learning_rate", "-1"])
@@ -91,5 +120,9 @@ def test_train_help_lists_every_setting(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "lora_alpha", "target_modules", "max_seq_len", "quantization"):
-        assert name in text
+    from lorakit.train.config import SECTIONS, field_owner
+
+    assert set(SECTIONS) == {"model", "quant", "lora", "data", "train"}
+    for name in field_owner():  # every setting of every section, each with its help and default
+        assert f"    {name} " in text, name
+    assert "exclude_modules" in text and "save_total_limit" in text and "task_type" in text

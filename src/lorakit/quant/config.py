@@ -6,18 +6,18 @@ transformers expect (bitsandbytes' `Params4bit` + `QuantState` layout)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from lorakit.config import setting
+from lorakit.dtypes import DTYPES, parse_dtype
 from lorakit.errors import ConfigError
+from lorakit.quant.bnb import import_bitsandbytes
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
-COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-                  "float32": torch.float32, "fp32": torch.float32}
 SUPPORTED_DEVICES = ("cpu", "cuda", "xpu")
 
 
@@ -25,16 +25,13 @@ SUPPORTED_DEVICES = ("cpu", "cuda", "xpu")
 class QuantConfig:
     """The base model's storage: 4-bit (NF4 / FP4), 8-bit (LLM.int8) or none. Adapters are never quantized."""
 
-    quantization: str = "none"
-    """nf4 | fp4 | int8 | none. NF4 is QLoRA's format; int8 is bitsandbytes' LLM.int8 (row-wise absmax)."""
-    double_quant: bool | None = None
-    """Quantize the 4-bit block scales again (8-bit, blocks of 256): ~0.37 bits per weight saved.
-    Unset means on for nf4 / fp4; only 4-bit formats have it."""
-    compute_dtype: str = "bfloat16"
-    """dtype the 4-bit weights are dequantized to for each matmul, and of the layers left unquantized
-    (embeddings, norms, output head)."""
-    skip_modules: list[str] | None = None
-    """Module names kept unquantized besides the output head (transformers skips that by itself)."""
+    quantization: str = setting("none", "nf4 | fp4 | int8 | none: store the frozen base quantized (QLoRA); nf4 is QLoRA's "
+                                "format, int8 bitsandbytes' LLM.int8 (row-wise absmax)")
+    double_quant: bool | None = setting(None, "quantize the 4-bit block scales again (8-bit, blocks of 256; ~0.37 bits per "
+                                        "weight saved); unset means on for nf4 / fp4, which alone have it")
+    compute_dtype: str = setting("bfloat16", "dtype the 4-bit weights are dequantized to for each matmul, and of the layers "
+                                 "left unquantized (embeddings, norms, output head)")
+    skip_modules: list[str] | None = setting(None, "module names kept unquantized besides the output head (which transformers skips by itself)")
 
     def __post_init__(self) -> None:
         if isinstance(self.quantization, str):
@@ -58,7 +55,7 @@ class QuantConfig:
 
     @property
     def torch_compute_dtype(self) -> torch.dtype:
-        return COMPUTE_DTYPES[self.compute_dtype]
+        return parse_dtype(self.compute_dtype)
 
     def describe(self) -> str:
         if not self.enabled:
@@ -72,7 +69,7 @@ class QuantConfig:
         found = []
         if self.quantization not in QUANTIZATIONS:
             found.append(f"quantization must be one of {' | '.join(QUANTIZATIONS)} (got {self.quantization!r})")
-        if self.compute_dtype not in COMPUTE_DTYPES:
+        if self.compute_dtype not in DTYPES:
             found.append(f"compute_dtype must be one of bfloat16, float16, float32 (got {self.compute_dtype!r})")
         if self.double_quant not in (None, True, False):
             found.append(f"double_quant must be true or false (got {self.double_quant!r})")
@@ -120,8 +117,6 @@ class QuantConfig:
 def platform_problems(config: QuantConfig, device: str | torch.device | None = None) -> list[str]:
     """Why `config` cannot run here, if it cannot: bitsandbytes missing or a device it has no kernels for."""
     try:
-        from lorakit.quant.load import import_bitsandbytes
-
         import_bitsandbytes()
     except Exception as err:  # ImportError, or a broken native library
         return [f"quantization: {config.quantization} needs bitsandbytes, which failed to import ({err}); run `pip install 'bitsandbytes>=0.50'`"]
@@ -131,19 +126,3 @@ def platform_problems(config: QuantConfig, device: str | torch.device | None = N
     if kind == "cuda" and not torch.cuda.is_available():
         return ["device cuda was asked for but CUDA is not available; use device cpu"]
     return []
-
-
-# --- command line -------------------------------------------------------------------------------
-def add_quant_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--quantization nf4 [--no-double-quant] [--compute-dtype bfloat16]`, shared by train / merge / generate."""
-    group = parser.add_argument_group("quantized base (QLoRA)")
-    group.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
-                       help="load the frozen base as nf4 / fp4 (4-bit) or int8 through bitsandbytes (default none)")
-    group.add_argument("--double-quant", dest="double_quant", action=argparse.BooleanOptionalAction, default=None,
-                       help="quantize the 4-bit block scales again (default on for nf4 / fp4)")
-    group.add_argument("--compute-dtype", default="bfloat16", choices=sorted(COMPUTE_DTYPES),
-                       help="dtype of the matmuls and of the unquantized layers (default bfloat16)")
-
-
-def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
-    return QuantConfig(quantization=args.quantization, double_quant=args.double_quant, compute_dtype=args.compute_dtype)

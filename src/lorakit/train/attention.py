@@ -3,16 +3,27 @@
 A packed row holds several examples back to back. A block-diagonal mask would push SDPA onto its slow
 masked path on the CPU, so instead each example runs on its own slice through lorakit's causal
 attention kernel (kernels/causal_attention.py, about twice as fast as SDPA's CPU flash kernel at these
-lengths): no attention across examples, no compute on other examples' keys."""
+lengths): no attention across examples, no compute on other examples' keys.
+
+The switch is scoped to the thread that trains. `packed_attention_enabled` points the model's config at
+`PACKED_ATTENTION` (the first thread to enter does it, the last to leave undoes it), and the function
+registered under that name runs the packed path only in a thread inside the block. Any other thread
+using the same model at the same time (generation, serving) gets the implementation the model had
+before, with the mask that implementation expects: its outputs never change."""
 
 from __future__ import annotations
 
+import sys
+import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
 from lorakit.kernels.causal_attention import causal_attention
 
@@ -32,7 +43,16 @@ def packed_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     **kwargs,
-) -> tuple[torch.Tensor, None]:
+) -> tuple[torch.Tensor, Any]:
+    """The attention function registered as `PACKED_ATTENTION`: packed rows in a training thread, the
+    model's own implementation everywhere else."""
+    if not packed_attention_active():
+        return _fallback_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return _packed_rows(module, query, key, value, dropout, scaling, **kwargs)
+
+
+def _packed_rows(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 dropout: float, scaling: float | None, **kwargs) -> tuple[torch.Tensor, None]:
     seq_lens: list[list[int]] | None = kwargs.get(SEQ_LENS_KWARG)
     if seq_lens is None:
         seq_lens = [[query.shape[2]]] * query.shape[0]
@@ -57,21 +77,73 @@ def _one_example(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     return causal_attention(q, k, v, scale)
 
 
-def register_packed_attention() -> None:
-    from transformers import AttentionInterface
+_local = threading.local()  # .depth: how many packed_attention_enabled blocks this thread is inside
+_lock = threading.Lock()
+_users: dict[int, int] = {}  # id(config) -> threads inside the block for that model
+_fallbacks: dict[int, str] = {}  # id(config) -> the implementation the model had before (kept after exit:
+# a thread that read PACKED_ATTENTION just before the last one left still finds it)
 
+
+def packed_attention_active() -> bool:
+    """True in a thread inside `packed_attention_enabled` (a training step)."""
+    return getattr(_local, "depth", 0) > 0
+
+
+def _fallback_name(config: Any) -> str:
+    return _fallbacks.get(id(config), "sdpa")
+
+
+def _fallback_attention(module: nn.Module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, Any]:
+    """The attention the model had before training switched it (eager through its own module's function)."""
+    name = _fallback_name(module.config)
+    if name == "eager":
+        function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    else:
+        function = AttentionInterface._global_mapping.get(name)
+    return (function or sdpa_attention_forward)(module, query, key, value, attention_mask, **kwargs)
+
+
+def _packed_mask(*args, config: Any = None, **kwargs):
+    """Mask function registered for `PACKED_ATTENTION`: none in training (examples are split by
+    seq_lens); for every other thread, the mask of the implementation the model had before."""
+    if packed_attention_active():
+        return None
+    function = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(_fallback_name(config), sdpa_mask)
+    return function(*args, config=config, **kwargs)
+
+
+_registered = False
+
+
+def register_packed_attention() -> None:
+    global _registered
+    if _registered:
+        return
     AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, _packed_mask)
+    _registered = True
 
 
 @contextmanager
 def packed_attention_enabled(model: nn.Module) -> Iterator[None]:
-    """Route the model's attention through `packed_attention` inside the block (training steps only:
-    generation with padding masks keeps transformers' own SDPA path)."""
+    """Route this thread's attention through `_packed_rows` inside the block (training steps only);
+    other threads running `model` meanwhile keep its own attention and masks."""
     register_packed_attention()
     config = model.config
-    before = config._attn_implementation
-    config._attn_implementation = PACKED_ATTENTION
+    key = id(config)
+    with _lock:
+        if _users.get(key, 0) == 0:
+            before = config._attn_implementation
+            _fallbacks[key] = before if before != PACKED_ATTENTION else "sdpa"
+            config._attn_implementation = PACKED_ATTENTION
+        _users[key] = _users.get(key, 0) + 1
+    _local.depth = getattr(_local, "depth", 0) + 1
     try:
         yield
     finally:
-        config._attn_implementation = before
+        _local.depth -= 1
+        with _lock:
+            _users[key] -= 1
+            if _users[key] == 0:
+                del _users[key]
+                config._attn_implementation = _fallbacks[key]

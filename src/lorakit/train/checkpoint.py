@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,27 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / CHECKPOINTS / f"step-{step:06d}"
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under output_dir, oldest first."""
     found = sorted((Path(output_dir) / CHECKPOINTS).glob("step-*"))
-    found = [p for p in found if (p / STATE_FILE).is_file()]
+    return [p for p in found if (p / STATE_FILE).is_file()]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int, protect: Path | None = None) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints (transformers' save_total_limit; 0 keeps every one).
+    `protect` (the checkpoint this run resumed from) is never deleted, even when older. Returns the deleted."""
+    if keep <= 0:
+        return []
+    protected = protect.resolve() if protect is not None else None
+    deleted = [p for p in list_checkpoints(output_dir)[:-keep] if p.resolve() != protected]
+    for path in deleted:
+        shutil.rmtree(path)
+    return deleted
 
 
 def save_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, progress: Progress, extra: dict[str, Any]) -> Path:

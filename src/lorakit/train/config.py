@@ -1,143 +1,144 @@
-"""The `lorakit train` configuration: model, lora, data and train sections, from YAML and CLI overrides.
+"""The `lorakit train` configuration: model, quant, lora, data and train sections, from YAML and CLI overrides.
 
-Field names are peft's and transformers' (`r`, `lora_alpha`, `per_device_train_batch_size`, ...), each
-with its help text, which `lorakit train --help` prints. `load_run_config` gathers every problem
-(unknown keys, wrong types, bad values, a missing data file) and reports them all at once, before
-any model is loaded."""
+The `lora` section is the library's own `LoraConfig` (with training defaults: r=16, alpha 32, the four
+attention projections) and the `quant` section its `QuantConfig`, so a setting exists once and
+is documented once, in its field's `help` (`lorakit.config.setting`), which `lorakit train --help`
+prints. Field names are peft's and transformers' (`r`, `lora_alpha`, `per_device_train_batch_size`, ...).
+`load_run_config` gathers every problem (unknown keys, wrong types, bad values, a missing data file) and
+reports them all at once, before any model is loaded."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import os
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, TaskType, setting, settings
+from lorakit.data.formats import FORMATS
+from lorakit.data.records import BAD_RECORD_POLICIES
+from lorakit.dtypes import DTYPES
 from lorakit.errors import ConfigError
 from lorakit.quant.config import QuantConfig
+from lorakit.train.optim import optimizer_problems
 
-
-def opt(default: Any, help: str) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+TASK_TYPES = (TaskType.CAUSAL_LM.value,)
+"""Task types `lorakit train` can train today (sequence classification comes next)."""
 
 
 @dataclass
 class ModelSection:
-    name: str = opt("default", "'default' (SmolLM2-135M-Instruct) or a local transformers model directory")
-    dtype: str = opt("bfloat16", "dtype of the frozen base weights: bfloat16 (fast on AMX CPUs) or float32")
-    quantization: str = opt("none", "nf4 | fp4 | int8 | none: store the frozen base quantized (QLoRA)")
-    double_quant: bool = opt(True, "quantize the 4-bit block scales again (nf4 / fp4 only)")
-    compute_dtype: str = opt("bfloat16", "dtype quantized weights are dequantized to for each matmul")
+    name: str = setting("default", "'default' (SmolLM2-135M-Instruct) or a local transformers model directory")
+    dtype: str = setting("bfloat16", "dtype of the frozen base weights: bfloat16 (fast on AMX CPUs) or float32")
 
 
-@dataclass
-class LoraSection:
-    r: int = opt(16, "LoRA rank")
-    lora_alpha: float = opt(32, "scale numerator: updates are multiplied by lora_alpha / r")
-    target_modules: Any = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "layer names / suffixes, a regex string, or 'all-linear'")
-    lora_dropout: float = opt(0.0, "dropout on the LoRA path's input")
-    bias: str = opt("none", "none | all | lora_only: which biases train")
-    use_rslora: bool = opt(False, "scale by lora_alpha / sqrt(r)")
-    modules_to_save: Any = opt(None, "modules trained in full and saved with the adapter")
+def training_lora() -> LoraConfig:
+    """The `lora` section's defaults: peft's LoraConfig with the values lorakit trains with."""
+    return LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
 
 
 @dataclass
 class DataSection:
-    path: str = opt("", "training data: .jsonl, .json, .csv, .parquet or a datasets.save_to_disk directory (empty: the shipped order->JSON task)")
-    eval_path: str = opt("", "held-out data file; empty: split eval_fraction off the training data")
-    format: str = opt("auto", "auto | alpaca | dolly | chat | sharegpt | text")
-    template: str = opt("auto", "prompt template: auto (the tokenizer's chat template if it has one) | alpaca | chatml")
-    max_seq_len: int = opt(512, "tokens per packed row; longer examples are truncated")
-    packing: bool = opt(True, "pack examples into full rows (no compute on padding)")
-    eval_fraction: float = opt(0.05, "share of the data held out for eval loss when eval_path is empty")
-    train_on_inputs: bool = opt(False, "also learn the prompt tokens (default: loss on responses only)")
-    on_bad_record: str = opt("skip", "skip | error: what to do with records that miss fields or have empty responses")
-    task_train_examples: int = opt(1000, "shipped task only (path empty): training examples to generate")
-    task_eval_examples: int = opt(50, "shipped task only: held-out examples scored by exact match")
+    path: str = setting("", "training data: .jsonl, .json, .csv, .parquet or a datasets.save_to_disk directory (empty: the shipped order->JSON task)")
+    eval_path: str = setting("", "held-out data file; empty: split eval_fraction off the training data")
+    format: str = setting("auto", "auto | alpaca | dolly | chat | sharegpt | text")
+    template: str = setting("auto", "prompt template: auto (the tokenizer's chat template if it has one) | alpaca | chatml")
+    max_seq_len: int = setting(512, "tokens per packed row; longer examples are truncated")
+    packing: bool = setting(True, "pack examples into full rows (no compute on padding)")
+    eval_fraction: float = setting(0.05, "share of the data held out for eval loss when eval_path is empty")
+    train_on_inputs: bool = setting(False, "also learn the prompt tokens (default: loss on responses only)")
+    on_bad_record: str = setting("skip", "skip | error: what to do with records that miss fields or have empty responses")
+    task_train_examples: int = setting(1000, "shipped task only (path empty): training examples to generate")
+    task_eval_examples: int = setting(50, "shipped task only: held-out examples scored by exact match")
 
 
 @dataclass
 class TrainSection:
-    output_dir: str = opt("out/lorakit", "where the adapter, checkpoints, metrics.jsonl and loss.png go")
-    per_device_train_batch_size: int = opt(4, "rows per micro-batch")
-    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
-    num_train_epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)")
-    max_steps: int = opt(-1, "optimizer steps to run; > 0 overrides num_train_epochs")
-    learning_rate: float = opt(2e-4, "peak learning rate")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    warmup_ratio: float = opt(0.03, "share of the steps spent warming the learning rate up linearly")
-    warmup_steps: int = opt(0, "warm-up steps; > 0 overrides warmup_ratio")
-    lr_scheduler_type: str = opt("cosine", "cosine | linear | constant (after warm-up)")
-    max_grad_norm: float = opt(1.0, "clip the gradient norm to this; 0 disables clipping")
-    optim: str = opt("adamw_torch", "adamw_torch | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit")
-    bf16: bool = opt(True, "bf16 autocast for the forward and backward passes")
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward: less memory, ~30% slower")
-    logging_steps: int = opt(10, "log every N optimizer steps")
-    eval_steps: int = opt(0, "evaluate every N steps (0: only at the end)")
-    save_steps: int = opt(0, "checkpoint every N steps (0: only at the end and on Ctrl-C)")
-    per_device_eval_batch_size: int = opt(4, "rows per eval batch")
-    seed: int = opt(42, "seed for the adapter init, data order and dropout")
-    resume_from_checkpoint: str = opt("", "a checkpoint directory, or 'latest' for the newest in output_dir")
-    compare_base: bool = opt(True, "for the shipped task: score the base model and the adapter on held-out examples")
+    output_dir: str = setting("out/lorakit", "where the adapter, checkpoints, metrics.jsonl and loss.png go")
+    per_device_train_batch_size: int = setting(4, "rows per micro-batch")
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step")
+    num_train_epochs: float = setting(1.0, "passes over the training data (ignored when max_steps > 0)")
+    max_steps: int = setting(-1, "optimizer steps to run; > 0 overrides num_train_epochs")
+    learning_rate: float = setting(2e-4, "peak learning rate")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    warmup_ratio: float = setting(0.03, "share of the steps spent warming the learning rate up linearly")
+    warmup_steps: int = setting(0, "warm-up steps; > 0 overrides warmup_ratio")
+    lr_scheduler_type: str = setting("cosine", "cosine | linear | constant (after warm-up)")
+    max_grad_norm: float = setting(1.0, "clip the gradient norm to this; 0 disables clipping")
+    optim: str = setting("adamw_torch", "adamw_torch | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit")
+    bf16: bool = setting(True, "bf16 autocast for the forward and backward passes")
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward: less memory, ~30% slower")
+    logging_steps: int = setting(10, "log every N optimizer steps")
+    eval_steps: int = setting(0, "evaluate every N steps; the eval loss goes to metrics.jsonl and loss.png (0: only at the end)")
+    save_steps: int = setting(0, "checkpoint every N steps (0: only on Ctrl-C)")
+    save_total_limit: int = setting(0, "keep only the newest N checkpoints, never the one resumed from (0: keep all)")
+    per_device_eval_batch_size: int = setting(4, "rows per eval batch")
+    seed: int = setting(42, "seed for the adapter init, data order and dropout")
+    resume_from_checkpoint: str = setting("", "a checkpoint directory, or 'latest' for the newest in output_dir")
+    compare_base: bool = setting(True, "for the shipped task: score the base model and the adapter on held-out examples")
 
 
-SECTIONS = {"model": ModelSection, "lora": LoraSection, "data": DataSection, "train": TrainSection}
+SECTIONS: dict[str, type] = {"model": ModelSection, "quant": QuantConfig, "lora": LoraConfig, "data": DataSection, "train": TrainSection}
+FOLDED = {("model", "quant")}
+"""(written under, belongs to): README configs put the quantization settings under `model:`."""
 
 
 @dataclass
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
-    lora: LoraSection = field(default_factory=LoraSection)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=training_lora)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
 
-    def lora_config(self) -> LoraConfig:
-        return LoraConfig(task_type="CAUSAL_LM", **dataclasses.asdict(self.lora))
-
-    def quant_config(self) -> QuantConfig:
-        m = self.model
-        return QuantConfig(quantization=m.quantization, double_quant=m.double_quant if m.quantization in ("nf4", "fp4") else None, compute_dtype=m.compute_dtype)
-
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every setting by section (what `load_run_config` reads back)."""
+        return {name: {f.name: _plain(getattr(getattr(self, name), f.name)) for f in settings(cls)} for name, cls in SECTIONS.items()}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def field_owner() -> dict[str, str]:
-    """Flat field name -> its section (names are unique across sections)."""
-    return {f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    """Flat setting name -> its section (names are unique across sections)."""
+    return {f.name: section for section, cls in SECTIONS.items() for f in settings(cls)}
 
 
 def _coerce(value: Any, kind: Any, name: str) -> Any:
-    """YAML / CLI text to the field's type, or ValueError naming the field."""
-    if kind is bool:
+    """YAML / CLI text to the field's type (`int`, `bool | None`, `list[str] | str | None`, ...), or ValueError naming the field."""
+    kinds = set(get_args(kind)) if get_origin(kind) in (Union, types.UnionType) else {kind}
+    if value is None and type(None) in kinds:
+        return None
+    if bool in kinds:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ValueError(f"{name} must be true or false (got {value!r})")
-    if kind in (int, float):
+    if kinds & {int, float}:
         if isinstance(value, bool):
             raise ValueError(f"{name} must be a number (got {value!r})")
         try:
             number = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{name} must be a number (got {value!r})") from None
-        if kind is int:
+        if int in kinds:
             if number != int(number):
                 raise ValueError(f"{name} must be a whole number (got {value!r})")
             return int(number)
         return number
-    if kind is str:
+    if kinds == {str}:
         if isinstance(value, (dict, list)):
             raise ValueError(f"{name} must be a string (got {value!r})")
         return "" if value is None else str(value)
-    if isinstance(value, str) and "," in value and name in ("target_modules", "modules_to_save"):
+    takes_list = any(get_origin(k) is list for k in kinds)
+    if takes_list and isinstance(value, str) and "," in value:  # --target_modules q_proj,v_proj
         return [v.strip() for v in value.split(",") if v.strip()]
     return value
 
@@ -145,9 +146,10 @@ def _coerce(value: Any, kind: Any, name: str) -> Any:
 def _assign(values: dict[str, dict[str, Any]], key: str, value: Any, problems: list[str]) -> None:
     owners = field_owner()
     section, _, name = key.rpartition(".")
-    if not section:
-        section = owners.get(name, "")
-    if section not in SECTIONS or name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+    owner = owners.get(name, "")
+    if not section or (section, owner) in FOLDED:
+        section = owner
+    if section not in SECTIONS or owner != section:
         close = difflib.get_close_matches(name, list(owners), n=1)
         problems.append(f"unknown setting {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "; see lorakit train --help"))
         return
@@ -166,6 +168,7 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: dict[str, 
             _assign(values, key, value, problems)
     for key, value in (overrides or {}).items():
         _assign(values, key.replace("-", "_"), value, problems)
+    defaults = RunConfig()
     sections = {}
     for section, cls in SECTIONS.items():
         hints = get_type_hints(cls)
@@ -175,7 +178,11 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: dict[str, 
                 kwargs[name] = _coerce(value, hints[name], name)
             except ValueError as err:
                 problems.append(str(err))
-        sections[section] = cls(**kwargs)
+        try:  # LoraConfig and QuantConfig validate themselves; keep their defaults to check the rest
+            sections[section] = dataclasses.replace(getattr(defaults, section), **kwargs)
+        except ConfigError as err:
+            problems += err.problems
+            sections[section] = getattr(defaults, section)
     config = RunConfig(**sections)
     problems += validate(config)
     if problems:
@@ -202,20 +209,11 @@ def _read_yaml(path: str | os.PathLike | None, problems: list[str]) -> dict[str,
 
 
 def validate(config: RunConfig) -> list[str]:
-    """Every problem with the values: LoRA, quantization, data and training settings together."""
-    from lorakit.data.records import BAD_RECORD_POLICIES
-    from lorakit.data.formats import FORMATS
-    from lorakit.train.optim import optimizer_problems
-
+    """Every problem with the values the sections do not check themselves (LoraConfig and QuantConfig
+    do): task, data and training settings together."""
     found: list[str] = []
-    try:
-        LoraConfig(task_type="CAUSAL_LM", **dataclasses.asdict(config.lora))
-    except ConfigError as err:
-        found += err.problems
-    try:
-        config.quant_config()
-    except ConfigError as err:
-        found += err.problems
+    if config.lora.task_type not in TASK_TYPES:
+        found.append(f"task_type {config.lora.task_type!r} is not supported by lorakit train yet; use {' or '.join(TASK_TYPES)}")
     d, t = config.data, config.train
     if d.path and not Path(d.path).exists():
         found.append(f"data path {d.path!r} does not exist")
@@ -234,7 +232,7 @@ def validate(config: RunConfig) -> list[str]:
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size"):
         if getattr(t, name) < 1:
             found.append(f"{name} must be >= 1 (got {getattr(t, name)})")
-    for name in ("logging_steps", "eval_steps", "save_steps", "warmup_steps"):
+    for name in ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "warmup_steps"):
         if getattr(t, name) < 0:
             found.append(f"{name} must be >= 0 (got {getattr(t, name)})")
     if t.max_steps <= 0 and t.num_train_epochs <= 0:
@@ -247,18 +245,18 @@ def validate(config: RunConfig) -> list[str]:
         found.append(f"lr_scheduler_type must be cosine, linear or constant (got {t.lr_scheduler_type!r})")
     if t.max_grad_norm < 0:
         found.append(f"max_grad_norm must be >= 0 (got {t.max_grad_norm})")
-    if config.model.dtype not in ("bfloat16", "bf16", "float32", "fp32", "float16", "fp16"):
-        found.append(f"model dtype must be bfloat16 or float32 (got {config.model.dtype!r})")
+    if config.model.dtype not in DTYPES:
+        found.append(f"model dtype must be one of {', '.join(DTYPES)} (got {config.model.dtype!r})")
     found += optimizer_problems(t.optim)
     return found
 
 
 def help_text() -> str:
     """Every setting with its default and meaning, grouped by section (for `lorakit train --help`)."""
+    defaults = RunConfig()
     lines = ["settings (YAML sections or flat keys; override any with --name value):"]
     for section, cls in SECTIONS.items():
         lines.append(f"\n  {section}:")
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"    {f.name:<30} {f.metadata['help']} (default: {default!r})")
+        for f in settings(cls):
+            lines.append(f"    {f.name:<30} {f.metadata['help']} (default: {getattr(getattr(defaults, section), f.name)!r})")
     return "\n".join(lines)

@@ -1,5 +1,15 @@
 """The training loop: AdamW on the adapter, gradient accumulation, warm-up + cosine, clipping,
-eval loss, metrics, checkpoints that resume exactly, Ctrl-C saves and exits cleanly."""
+eval loss, metrics, checkpoints that resume exactly, Ctrl-C saves and exits cleanly.
+
+One optimizer step, as the loop below runs it:
+
+    lr = lr_at(step)                                   # pure function of the step
+    group = next k micro-batches                       # k = gradient_accumulation_steps
+    n = labels in the group (all processes: global_label_count)
+    for batch in group: train_step(batch, normaliser=n)    # backward of loss_sum / n
+    clip, optimizer.step(), zero_grad
+    progress moves past the group                      # only now: a Ctrl-C mid-step resumes at its start
+"""
 
 from __future__ import annotations
 
@@ -7,18 +17,21 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from lorakit.data import PackedRow, batches
-from lorakit.train.checkpoint import Progress, checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+from lorakit.errors import LorakitError
+from lorakit.quant.guard import ensure_4bit_trainable
+from lorakit.quant.prepare import enable_checkpointing
+from lorakit.train.checkpoint import Progress, checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from lorakit.train.config import TrainSection
 from lorakit.train.metrics import MetricsLog, plot_losses
 from lorakit.train.optim import build_optimizer
 from lorakit.train.schedule import lr_at, warmup_steps_for
-from lorakit.train.step import batch_loss_sum, evaluate_loss, training_paths, transformers_model, useful_tokens
+from lorakit.train.step import CAUSAL_LM, Objective, evaluate_loss, train_step, training_paths, transformers_model, useful_tokens
 
 
 @dataclass
@@ -29,6 +42,26 @@ class TrainResult:
     tokens_per_second: float
     interrupted: bool = False
     losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class TrainState:
+    """What the loop carries from step to step; `progress` is the part a checkpoint saves."""
+
+    progress: Progress
+    total_steps: int
+    warmup_steps: int
+    resumed_from: Path | None = None
+    losses: list[float] = field(default_factory=list)  # one per optimizer step of this run
+    eval_loss: float | None = None
+    tokens: int = 0  # trained in this run, for tokens/s
+    seconds: float = 0.0
+
+
+class MicroBatch(NamedTuple):
+    batch: dict
+    epoch: int
+    next_index: int  # index in the epoch of the micro-batch after this one
 
 
 @dataclass
@@ -56,14 +89,37 @@ def total_steps(n_rows: int, cfg: TrainSection) -> int:
     return max(1, math.ceil(per_epoch * cfg.num_train_epochs / cfg.gradient_accumulation_steps))
 
 
-def micro_batches(rows: Sequence[PackedRow], cfg: TrainSection, progress: Progress) -> Iterator[tuple[dict, int, int]]:
-    """Endless micro-batches from the saved position on: (batch, epoch, index of the next batch)."""
+def micro_batches(rows: Sequence[PackedRow], cfg: TrainSection, progress: Progress) -> Iterator[MicroBatch]:
+    """Endless micro-batches from the saved position on."""
     epoch, start = progress.epoch, progress.batch_in_epoch
     while True:
         epoch_batches = batches(rows, cfg.per_device_train_batch_size, seed=cfg.seed, epoch=epoch, start=start)
         for index, batch in enumerate(epoch_batches, start=start + 1):
-            yield batch, epoch, index
+            yield MicroBatch(batch, epoch, index)
         epoch, start = epoch + 1, 0
+
+
+def optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    group: Sequence[MicroBatch],
+    cfg: TrainSection,
+    objective: Objective = CAUSAL_LM,
+    global_label_count: Callable[[int], int] = int,
+) -> float:
+    """Accumulate gradients over the group's micro-batches, each normalised by the label count of the
+    whole step (so accumulation gives the same update as one big batch), clip, step. Returns the step's
+    mean loss. `global_label_count` turns this process's count into the step's normaliser (data-parallel
+    training passes an all-reduce over the processes)."""
+    normaliser = max(global_label_count(sum(objective.label_count(m.batch) for m in group)), 1)
+    total = 0.0
+    for m in group:
+        total += float(train_step(model, m.batch, normaliser, objective, cfg.bf16).loss_sum)
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / normaliser
 
 
 def train(
@@ -72,120 +128,90 @@ def train(
     eval_rows: Sequence[PackedRow],
     cfg: TrainSection,
     log: Callable[[str], None] = print,
+    *,
+    objective: Objective = CAUSAL_LM,
+    global_label_count: Callable[[int], int] = int,
+    on_step: Callable[[TrainState], None] | None = None,
 ) -> TrainResult:
     """Train the active adapter of `model` (a LoraModel) on packed rows; the adapter ends up in
-    `cfg.output_dir/adapter`."""
+    `cfg.output_dir/adapter`. `on_step(state)` runs after every optimizer step (a KeyboardInterrupt raised
+    there stops the run as Ctrl-C does: a checkpoint of that step, no final adapter)."""
     output_dir = Path(cfg.output_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optim, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     steps = total_steps(len(train_rows), cfg)
-    warmup = warmup_steps_for(steps, cfg.warmup_steps, cfg.warmup_ratio)
-
-    progress = Progress()
-    resume = _resume_path(cfg)
-    if resume is not None:
-        progress, _ = load_checkpoint(resume, model, optimizer)
-        log(f"resumed from {resume} at step {progress.step}")
+    state = TrainState(Progress(), steps, warmup_steps_for(steps, cfg.warmup_steps, cfg.warmup_ratio), _resume_path(cfg))
+    if state.resumed_from is not None:
+        state.progress, _ = load_checkpoint(state.resumed_from, model, optimizer)
+        log(f"resumed from {state.resumed_from} at step {state.progress.step}")
     else:
         torch.manual_seed(cfg.seed)
-    metrics = MetricsLog(output_dir, resume_step=progress.step if resume else None)
+    metrics = MetricsLog(output_dir, resume_step=state.progress.step if state.resumed_from else None)
     hf_model = transformers_model(model)
     if cfg.gradient_checkpointing:
-        from lorakit.quant.prepare import enable_checkpointing
-
         enable_checkpointing(hf_model)
     model.train()
+
+    def save() -> Path:
+        path = save_checkpoint(checkpoint_dir(output_dir, state.progress.step), model, optimizer, state.progress, {"total_steps": steps})
+        prune_checkpoints(output_dir, cfg.save_total_limit, protect=state.resumed_from)
+        return path
+
+    stream = micro_batches(train_rows, cfg, state.progress)
+    bar = tqdm(total=steps, initial=state.progress.step, desc="train", unit="step", dynamic_ncols=True)
+    window, interrupted = _Window(), False
+    step_rng: torch.Tensor | None = None  # RNG state at the start of a step in progress (dropout draws from it)
     # Held for the whole run, not just each forward: checkpointed layers recompute during backward
     # and must take the same attention and kernel paths as the first time.
-    run = _Run(model, optimizer, params, cfg, progress, steps, warmup, metrics, log)
-    with training_paths(hf_model):
-        return _run_steps(run, train_rows, eval_rows)
+    with training_paths(hf_model, packed=objective.packed_rows):
+        try:
+            while (step := state.progress.step) < steps:
+                started, step_rng = time.perf_counter(), torch.get_rng_state()
+                lr = lr_at(step, cfg.learning_rate, steps, state.warmup_steps, cfg.lr_scheduler_type)
+                for param_group in optimizer.param_groups:
+                    param_group["lr"] = lr
+                group = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
+                loss = optimizer_step(model, optimizer, group, cfg, objective, global_label_count)
+                tokens, elapsed = sum(useful_tokens(m.batch) for m in group), time.perf_counter() - started
 
+                # the step is done: the data position moves past its micro-batches
+                progress = state.progress
+                progress.step, progress.epoch, progress.batch_in_epoch = step + 1, group[-1].epoch, group[-1].next_index
+                progress.tokens_seen += tokens
+                step_rng = None
+                state.losses.append(loss)
+                state.tokens, state.seconds = state.tokens + tokens, state.seconds + elapsed
+                window.add(loss, tokens, elapsed)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / elapsed:.0f}")
 
-@dataclass
-class _Run:
-    """What one training run carries from step to step."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    params: list[torch.nn.Parameter]
-    cfg: TrainSection
-    progress: Progress
-    steps: int
-    warmup: int
-    metrics: MetricsLog
-    log: Callable[[str], None]
-
-
-def _run_steps(run: _Run, train_rows: Sequence[PackedRow], eval_rows: Sequence[PackedRow]) -> TrainResult:
-    model, optimizer, params, cfg, progress, steps, metrics = run.model, run.optimizer, run.params, run.cfg, run.progress, run.steps, run.metrics
-    output_dir = Path(cfg.output_dir)
-
-    stream = micro_batches(train_rows, cfg, progress)
-    bar = tqdm(total=steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True)
-    window = _Window()
-    losses: list[float] = []
-    eval_loss, interrupted = None, False
-    run_tokens, run_time = 0, 0.0
-    try:
-        while progress.step < steps:
-            started = time.perf_counter()
-            lr = lr_at(progress.step, cfg.learning_rate, steps, run.warmup, cfg.lr_scheduler_type)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss, step_tokens = _optimizer_step(model, optimizer, params, stream, cfg, progress)
-            elapsed = time.perf_counter() - started
-            progress.step += 1
-            progress.tokens_seen += step_tokens
-            losses.append(step_loss)
-            window.add(step_loss, step_tokens, elapsed)
-            run_tokens, run_time = run_tokens + step_tokens, run_time + elapsed
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{step_tokens / elapsed:.0f}")
-            if progress.step % max(cfg.logging_steps, 1) == 0 or progress.step == steps:
-                metrics.write({"step": progress.step, "lr": lr, "tokens_seen": progress.tokens_seen, **window.flush()})
-            if eval_rows and cfg.eval_steps and progress.step % cfg.eval_steps == 0 and progress.step < steps:
-                eval_loss = _evaluate(model, eval_rows, cfg, metrics, progress.step)
-            if cfg.save_steps and progress.step % cfg.save_steps == 0 and progress.step < steps:
-                save_checkpoint(checkpoint_dir(output_dir, progress.step), model, optimizer, progress, {"total_steps": steps})
-    except KeyboardInterrupt:
-        interrupted = True
-        bar.close()
-        path = save_checkpoint(checkpoint_dir(output_dir, progress.step), model, optimizer, progress, {"total_steps": steps})
-        run.log(f"interrupted: checkpoint at {path}; continue with --resume_from_checkpoint latest")
+                if progress.step % max(cfg.logging_steps, 1) == 0 or progress.step == steps:
+                    metrics.write({"step": progress.step, "lr": lr, "tokens_seen": progress.tokens_seen, **window.flush()})
+                if eval_rows and cfg.eval_steps and progress.step % cfg.eval_steps == 0 and progress.step < steps:
+                    state.eval_loss = _evaluate(model, eval_rows, cfg, metrics, progress.step, objective)
+                if cfg.save_steps and progress.step % cfg.save_steps == 0 and progress.step < steps:
+                    save()
+                if on_step is not None:
+                    on_step(state)
+        except KeyboardInterrupt:
+            interrupted = True
+            if step_rng is not None:  # stopped inside a step: save the state it started from, to run it again
+                torch.set_rng_state(step_rng)
+            bar.close()
+            log(f"interrupted: checkpoint at {save()}; continue with --resume_from_checkpoint latest")
     bar.close()
     if not interrupted:
         if eval_rows:
-            eval_loss = _evaluate(model, eval_rows, cfg, metrics, progress.step)
+            state.eval_loss = _evaluate(model, eval_rows, cfg, metrics, state.progress.step, objective)
         model.save_pretrained(output_dir / "adapter")
         plot_losses(output_dir)
-    return TrainResult(progress.step, losses[-1] if losses else None, eval_loss, run_tokens / run_time if run_time else 0.0, interrupted, losses)
+    losses = state.losses
+    return TrainResult(state.progress.step, losses[-1] if losses else None, state.eval_loss,
+                       state.tokens / state.seconds if state.seconds else 0.0, interrupted, losses)
 
 
-def _optimizer_step(model, optimizer, params, stream, cfg: TrainSection, progress: Progress) -> tuple[float, int]:
-    """Accumulate gradients over the step's micro-batches, normalised by the step's labelled-token
-    count (so accumulation gives the same update as one big batch), clip, and step."""
-    group = []
-    for _ in range(cfg.gradient_accumulation_steps):
-        batch, progress.epoch, progress.batch_in_epoch = next(stream)
-        group.append(batch)
-    labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
-    total = 0.0
-    for batch in group:
-        loss_sum, _ = batch_loss_sum(model, batch, cfg.bf16)
-        (loss_sum / max(labelled, 1)).backward()
-        total += float(loss_sum.detach())
-    if cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total / max(labelled, 1), sum(useful_tokens(b) for b in group)
-
-
-def _evaluate(model, eval_rows, cfg: TrainSection, metrics: MetricsLog, step: int) -> float:
-    from lorakit.quant.guard import ensure_4bit_trainable
-
-    loss = evaluate_loss(model, batches(eval_rows, cfg.per_device_eval_batch_size, shuffle=False), cfg.bf16)
+def _evaluate(model, eval_rows, cfg: TrainSection, metrics: MetricsLog, step: int, objective: Objective) -> float:
+    loss = evaluate_loss(model, batches(eval_rows, cfg.per_device_eval_batch_size, shuffle=False), cfg.bf16, objective)
     # bitsandbytes may repack a 4-bit weight in an eval pass, after which backward drops input
     # gradients; undo that before training goes on (a no-op for unquantized bases).
     ensure_4bit_trainable(transformers_model(model))
@@ -199,8 +225,6 @@ def _resume_path(cfg: TrainSection) -> Path | None:
     if cfg.resume_from_checkpoint == "latest":
         found = latest_checkpoint(cfg.output_dir)
         if found is None:
-            from lorakit.errors import LorakitError
-
             raise LorakitError(f"no checkpoint under {cfg.output_dir}/checkpoints to resume from; drop --resume_from_checkpoint")
         return found
     return Path(cfg.resume_from_checkpoint)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
+from lorakit.data.tokenize import IGNORE_INDEX
+
 LOSS_CHUNK = 512  # positions per chunk of the head loss
 
 

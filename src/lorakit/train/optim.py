@@ -14,11 +14,10 @@ from typing import Any, Iterable
 import torch
 
 from lorakit.errors import ConfigError
+from lorakit.quant.bnb import import_bitsandbytes
 
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 _BNB_CLASSES = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw_32bit": "PagedAdamW32bit"}
-STATE_BYTES_PER_PARAM = {"adamw_torch": 8.0, "adamw_8bit": 2.0, "paged_adamw_8bit": 2.0, "paged_adamw_32bit": 8.0}
-"""Optimizer state per trainable parameter (two moments), for memory estimates."""
 
 
 def optimizer_problems(name: str, device: str | torch.device | None = None) -> list[str]:
@@ -28,8 +27,6 @@ def optimizer_problems(name: str, device: str | torch.device | None = None) -> l
     if name == "adamw_torch":
         return []
     try:
-        from lorakit.quant.load import import_bitsandbytes
-
         import_bitsandbytes()
     except Exception as err:
         return [f"optim {name} needs bitsandbytes, which failed to import ({err}); use optim adamw_torch or `pip install 'bitsandbytes>=0.50'`"]
@@ -65,8 +62,6 @@ def build_optimizer(
         raise ConfigError(["no trainable parameters were given to the optimizer; did the adapter get added and set trainable?"], "optimizer")
     if name == "adamw_torch":
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    from lorakit.quant.load import import_bitsandbytes
-
     bnb_class = getattr(import_bitsandbytes().optim, _BNB_CLASSES[name])
     return bnb_class(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 

@@ -13,12 +13,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from lorakit.data import load_records, pack, tokenize_samples, train_eval_split
-from lorakit.data.packing import pad_rows
+from lorakit.data import batches, load_records, pack, tokenize_samples, train_eval_split
 from lorakit.data.formats import Sample
+from lorakit.data.packing import pad_rows
 from lorakit.data.records import Records
 from lorakit.errors import LorakitError
+from lorakit.lora.model import get_peft_model
+from lorakit.models.load import load_model, load_tokenizer, resolve_model_dir
+from lorakit.quant.load import load_quantized
+from lorakit.quant.prepare import prepare_model_for_kbit_training
+from lorakit.quant.record import write_quant_record
 from lorakit.train.config import RunConfig
+from lorakit.train.loop import train
+from lorakit.train.step import evaluate_loss
 
 
 @dataclass
@@ -63,10 +70,6 @@ def check_output_dir(config: RunConfig) -> None:
 
 def run_training(config: RunConfig, log=print) -> dict:
     """Train an adapter as `config` says; returns a summary (also printed)."""
-    from lorakit.lora.model import get_peft_model
-    from lorakit.models.load import load_tokenizer
-    from lorakit.train.loop import train
-
     check_output_dir(config)
     data = prepare_data(config)
     tokenizer = load_tokenizer(config.model.name)
@@ -82,7 +85,7 @@ def run_training(config: RunConfig, log=print) -> dict:
 
     model = load_base_model(config)
     torch.manual_seed(config.train.seed)
-    peft_model = get_peft_model(model, config.lora_config())
+    peft_model = get_peft_model(model, config.lora)
     peft_model.print_trainable_parameters()
 
     summary: dict = {}
@@ -94,9 +97,7 @@ def run_training(config: RunConfig, log=print) -> dict:
     (output_dir / "lorakit_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     result = train(peft_model, train_rows, eval_rows, config.train, log=log)
     if not result.interrupted:
-        from lorakit.quant.merge import write_quant_record
-
-        write_quant_record(output_dir / "adapter", config.quant_config())
+        write_quant_record(output_dir / "adapter", config.quant)
     summary.update(steps=result.steps, tokens_per_second=round(result.tokens_per_second, 1), adapter=str(output_dir / "adapter"))
     if result.interrupted:
         return summary
@@ -114,14 +115,9 @@ def run_training(config: RunConfig, log=print) -> dict:
 
 def load_base_model(config: RunConfig):
     """The frozen base: bf16 (default) or quantized through bitsandbytes, ready for LoRA training."""
-    from lorakit.models.load import load_model, resolve_model_dir
-
-    quant = config.quant_config()
+    quant = config.quant
     if not quant.enabled:
         return load_model(config.model.name, dtype=config.model.dtype)
-    from lorakit.quant.load import load_quantized
-    from lorakit.quant.prepare import prepare_model_for_kbit_training
-
     model = load_quantized(resolve_model_dir(config.model.name), quant)
     # QLoRA's recipe: checkpointing is on for a quantized base (its point is memory), whatever the train section says.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
@@ -129,9 +125,7 @@ def load_base_model(config: RunConfig):
 
 def score(model, tokenizer, data: PreparedData, eval_rows, config: RunConfig) -> dict:
     """Exact match by greedy generation, and eval loss, on the held-out records."""
-    from lorakit.data import batches
     from lorakit.data.task_eval import evaluate_exact_match
-    from lorakit.train.step import evaluate_loss
 
     accuracy, _ = evaluate_exact_match(model, tokenizer, data.eval_records, template=config.data.template)
     loss = evaluate_loss(model, batches(eval_rows, config.train.per_device_eval_batch_size, shuffle=False), config.train.bf16)
