@@ -188,6 +188,9 @@ def fake(name: str, r: int, targets=("q_proj",)) -> AdapterFactors:
     (lambda: combine([fake("a", 4), fake("b", 4)], [1, 1], "svd", svd_rank=9), "svd rank 9 exceeds the size of layer.q_proj (8 x 8)"),
     (lambda: combine([fake("a", 4), fake("b", 4)], [1, 1], "svd", svd_driver="gesvd"), "works only on CUDA"),
     (lambda: combine([], [], "cat"), "no adapters"),
+    (lambda: combine([fake("a", 4), fake("b", 4)], [1, 1], "cat", svd_rank=2), "svd_rank and svd_clamp are not used by combination_type 'cat'"),
+    (lambda: combine([fake("a", 4), fake("b", 4)], [1, 1], "svd", svd_rank=0), "svd_rank must be a positive integer"),
+    (lambda: combine([fake("a", 4), fake("b", 4)], [1, 1], "svd", svd_clamp=1.5), "svd_clamp is a quantile"),
     (lambda: combine([fake("a", 4), AdapterFactors(lorakit.LoraConfig(r=4, target_modules="q_proj"), fake("b", 4).factors, "b")], [1, 1], "cat"), "mix a regex string and a list"),
 ])
 def test_bad_arguments_are_one_line_errors(call, message) -> None:
@@ -244,14 +247,18 @@ def test_gpt2_conv1d_matches_peft(tmp_path, combination_type, kwargs) -> None:
     torch.testing.assert_close(logits(ours, "mix"), logits(theirs, "mix"), rtol=1e-5, atol=1e-5)
 
 
-def test_a_config_that_would_drop_an_input_layer_is_refused(adapter_dirs, tmp_path) -> None:
-    """peft copies the first adapter's exclude_modules, silently dropping a layer only the others adapt."""
-    write_peft_adapter(tmp_path / "d", 7, r=4, lora_alpha=8, target_modules=["v_proj"], exclude_modules=["model.layers.0.self_attn.v_proj"])
+@pytest.mark.parametrize("first, module, verb", [("d", "v_proj", "skip"), ("a", "o_proj", "adapt")])
+def test_a_config_that_would_change_the_adapted_layers_is_refused(adapter_dirs, tmp_path, first, module, verb) -> None:
+    """peft copies the first adapter's exclude_modules: it silently drops a layer only the others adapt,
+    or adds one none of them adapts (and then crashes). lorakit refuses before touching the model."""
+    excluded = f"model.layers.0.self_attn.{module}"
+    write_peft_adapter(tmp_path / "d", 7, r=4, lora_alpha=8, target_modules=[module], exclude_modules=[excluded])
     ours = lorakit.PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "d", adapter_name="d")
     ours.load_adapter(adapter_dirs["a"], adapter_name="a")
     before = {k: v.clone() for k, v in ours.state_dict().items()}
-    with pytest.raises(LorakitError, match=r"would skip model.layers.0.self_attn.v_proj, unlike the inputs; give the adapters the same exclude_modules"):
-        add_weighted_adapter(ours, ["d", "a"], [0.5, 0.5], "mix", combination_type="cat")
+    names = ["d", "a"] if first == "d" else ["a", "d"]
+    with pytest.raises(LorakitError, match=rf"would {verb} {excluded}, unlike the inputs; give the adapters the same exclude_modules"):
+        add_weighted_adapter(ours, names, [0.5, 0.5], "mix", combination_type="cat")
     assert list(ours.peft_config) == ["d", "a"]
     after = ours.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())

@@ -94,8 +94,8 @@ def merge_tensors(tensors: list[Tensor], weights: Tensor, method: str, density: 
 
 # --- checks ----------------------------------------------------------------------------------------
 def check_arguments(adapters: list[AdapterFactors], weights: list[float], combination_type: str,
-                    density: float | None, majority_sign_method: str, svd_clamp: float | None,
-                    svd_driver: str | None) -> str:
+                    density: float | None, majority_sign_method: str, svd_rank: int | None,
+                    svd_clamp: float | None, svd_driver: str | None) -> str:
     """Refuse what peft refuses (or silently mishandles); returns the combination type that applies
     (peft uses "linear" whenever there is a single adapter).
 
@@ -108,19 +108,8 @@ def check_arguments(adapters: list[AdapterFactors], weights: list[float], combin
         raise LorakitError("no adapters to combine; pass at least one adapter name")
     if len(weights) != len(adapters):
         raise LorakitError(f"{len(adapters)} adapters but {len(weights)} weights; give one weight per adapter")
-    if _base_method(combination_type) not in ("linear", "cat"):
-        if density is None:
-            raise LorakitError(f"combination_type {combination_type!r} needs density (the fraction of values kept, in (0, 1]), e.g. density=0.5")
-        if not 0 < density <= 1:
-            raise LorakitError(f"density must be in (0, 1] (got {density}); it is the fraction of values kept, e.g. 0.5")
-    elif density is not None:
-        raise LorakitError(f"density is not used by combination_type {combination_type!r}; drop it, or use ties, dare_linear, dare_ties or magnitude_prune")
-    if majority_sign_method not in SIGN_METHODS:
-        raise LorakitError(f"majority_sign_method must be 'total' or 'frequency' (got {majority_sign_method!r})")
-    if svd_clamp is not None and not 0 <= svd_clamp <= 1:
-        raise LorakitError(f"svd_clamp is a quantile and must be in [0, 1] (got {svd_clamp})")
-    if svd_driver is not None and any(a.device.type != "cuda" for f in adapters for a, _ in f.factors.values()):
-        raise LorakitError("svd_driver selects a cuSOLVER method and works only on CUDA tensors; leave it unset on CPU")
+    _check_pruning(combination_type, density, majority_sign_method)
+    _check_svd_options(adapters, combination_type, svd_rank, svd_clamp, svd_driver)
     if len(adapters) == 1:
         return "linear"
     ranks = {f.name: f.config.r for f in adapters}
@@ -130,14 +119,36 @@ def check_arguments(adapters: list[AdapterFactors], weights: list[float], combin
     return combination_type
 
 
+def _check_pruning(combination_type: str, density: float | None, majority_sign_method: str) -> None:
+    if _base_method(combination_type) not in ("linear", "cat"):
+        if density is None:
+            raise LorakitError(f"combination_type {combination_type!r} needs density (the fraction of values kept, in (0, 1]), e.g. density=0.5")
+        if not 0 < density <= 1:
+            raise LorakitError(f"density must be in (0, 1] (got {density}); it is the fraction of values kept, e.g. 0.5")
+    elif density is not None:
+        raise LorakitError(f"density is not used by combination_type {combination_type!r}; drop it, or use ties, dare_linear, dare_ties or magnitude_prune")
+    if majority_sign_method not in SIGN_METHODS:
+        raise LorakitError(f"majority_sign_method must be 'total' or 'frequency' (got {majority_sign_method!r})")
+
+
+def _check_svd_options(adapters: list[AdapterFactors], combination_type: str, svd_rank: int | None,
+                       svd_clamp: float | None, svd_driver: str | None) -> None:
+    if combination_type not in SVD_TYPES and (svd_rank is not None or svd_clamp is not None):
+        raise LorakitError(f"svd_rank and svd_clamp are not used by combination_type {combination_type!r}; drop them, or use 'svd'")
+    if svd_rank is not None and (not isinstance(svd_rank, int) or isinstance(svd_rank, bool) or svd_rank <= 0):
+        raise LorakitError(f"svd_rank must be a positive integer (got {svd_rank!r})")
+    if svd_clamp is not None and not 0 <= svd_clamp <= 1:
+        raise LorakitError(f"svd_clamp is a quantile and must be in [0, 1] (got {svd_clamp})")
+    if svd_driver is not None and any(a.device.type != "cuda" for f in adapters for a, _ in f.factors.values()):
+        raise LorakitError("svd_driver selects a cuSOLVER method and works only on CUDA tensors; leave it unset on CPU")
+
+
 def combined_rank(adapters: list[AdapterFactors], combination_type: str, svd_rank: int | None) -> int:
     """peft's rule: the common rank for factor-wise types, the sum for cat, svd_rank (or the largest) for svd."""
     ranks = [f.config.r for f in adapters]
     if combination_type == "cat":
         return sum(ranks)
     if combination_type in SVD_TYPES:
-        if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank <= 0):
-            raise LorakitError(f"svd_rank must be a positive integer (got {svd_rank!r})")
         return svd_rank or max(ranks)
     return ranks[0]
 
@@ -207,7 +218,7 @@ def plan(adapters: list[AdapterFactors], weights: list[float], combination_type:
     Raises:
         LorakitError: an invalid argument or adapters that cannot be combined this way.
     """
-    combination_type = check_arguments(adapters, weights, combination_type, density, majority_sign_method, svd_clamp, svd_driver)
+    combination_type = check_arguments(adapters, weights, combination_type, density, majority_sign_method, svd_rank, svd_clamp, svd_driver)
     rank = combined_rank(adapters, combination_type, svd_rank)
     config = replace(adapters[0].config, r=rank, lora_alpha=rank, use_rslora=False, target_modules=combined_targets(adapters))
     order = modules or list(dict.fromkeys(path for f in adapters for path in f.factors))
@@ -326,11 +337,11 @@ def add_weighted_adapter(model: LoraModel, adapters: list[str], weights: list[fl
     options = dict(svd_rank=svd_rank, svd_clamp=svd_clamp, svd_driver=svd_driver, density=density,
                    majority_sign_method=majority_sign_method, modules=order)
     _, config, _ = plan(sources, weights, combination_type, **options)
+    _check_targets(model, config, order, adapters[0])
     # Inject first, as peft does: the new layers' initialisation draws from torch's generator, so DARE's
     # drops that follow see the same random stream as in peft.
     model.add_adapter(adapter_name, config)
     try:
-        _check_injected(model, adapter_name, order, adapters[0])
         combined = combine(sources, weights, combination_type, svd_full_matrices=svd_full_matrices, generator=generator, **options)
     except BaseException:
         model.delete_adapter(adapter_name)
@@ -343,10 +354,12 @@ def add_weighted_adapter(model: LoraModel, adapters: list[str], weights: list[fl
             table[adapter_name].weight.requires_grad_(False)
 
 
-def _check_injected(model: LoraModel, adapter_name: str, order: list[str], first: str) -> None:
+def _check_targets(model: LoraModel, config: LoraConfig, order: list[str], first: str) -> None:
     """The combined config (every input's targets, the first input's exclude_modules) must adapt exactly the
     layers the inputs adapt; peft would silently drop an input's layer or crash on a layer none has."""
-    injected = [path for path, m in _lora_layers(model) if adapter_name in m.lora_A]
+    from lorakit.lora.targets import find_targets
+
+    injected = find_targets(model.model, config)
     if set(injected) != set(order):
         odd = sorted(set(injected) ^ set(order))[0]
         raise LorakitError(f"the combined config (targets of all adapters, exclude_modules of {first!r}) would {'adapt' if odd in injected else 'skip'} {odd}, "
