@@ -1,9 +1,8 @@
-"""QLoRA vs bf16 LoRA, side by side in one run: weight bytes, peak RSS, throughput, merge quality.
+"""QLoRA vs bf16 LoRA, side by side in one run: weight bytes, peak RSS, throughput.
 
     .venv/bin/python bench/qlora_memory.py                       # default model, bf16 vs nf4
     .venv/bin/python bench/qlora_memory.py --llama-1b            # + a ~1.1B Llama with random weights,
                                                                  #   against what `lorakit estimate` predicts
-    .venv/bin/python bench/qlora_memory.py --merge-quality       # + dequantize-and-merge vs peft's merge
     .venv/bin/python bench/qlora_memory.py --steps 1 --seq-len 128 --llama-1b --layers 4   # smoke run
 
 Each configuration trains in its own subprocess, one after another (two at once would share the CPU
@@ -13,8 +12,8 @@ training (VmHWM after resetting it through /proc/self/clear_refs once the model 
 process peak is the larger. `lorakit estimate` predicts all three. (The kernel's ru_maxrss from wait4,
 kept in the JSON, equals the training peak: the reset clears the same high-water mark.)
 The training step is lorakit's (`lorakit.train.step.batch_loss_sum`: bf16 autocast, chunked head
-loss), falling back to transformers' loss if that module is missing. Rows are packed: every token is
-a useful one.
+loss). Rows are packed: every token is a useful one. The merge's exactness has its own benchmark,
+bench/merge_exactness.py.
 """
 
 from __future__ import annotations
@@ -26,6 +25,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from malloc import return_large_frees_to_os  # bench/malloc.py: ctypes only, the parent stays torch-free
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
@@ -60,6 +61,7 @@ def linear_weight_bytes(model) -> dict:
     quantization constants included, next to what those weights take in bf16."""
     import torch
 
+    from lorakit.lora.base_layer import WeightKind, weight_kind
     from lorakit.lora.targets import output_head_names
 
     heads = output_head_names(model)
@@ -67,18 +69,18 @@ def linear_weight_bytes(model) -> dict:
     seen: set[int] = set()
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        kind = type(weight).__name__
-        if name in heads or id(weight) in seen or not (isinstance(module, torch.nn.Linear) or kind in ("Params4bit", "Int8Params")):
+        kind = weight_kind(weight)
+        if name in heads or id(weight) in seen or not (isinstance(module, torch.nn.Linear) or kind is not WeightKind.DENSE):
             continue
         seen.add(id(weight))
-        if kind == "Params4bit":
+        if kind is WeightKind.NF4:
             state = weight.quant_state
             numel = state.shape[0] * state.shape[1]
             tensors = [weight.data, state.absmax, state.code]
             if state.nested:
                 tensors += [state.state2.absmax, state.state2.code, state.offset]
             held += sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
-        elif kind == "Int8Params":
+        elif kind is WeightKind.INT8:
             numel = weight.numel()
             scb = getattr(weight, "SCB", None)
             held += weight.numel() + (scb.numel() * 4 if scb is not None else weight.shape[0] * 4)
@@ -122,12 +124,7 @@ def child_train(args: argparse.Namespace) -> dict:
     reset_ok = reset_peak_rss()
 
     if args.malloc == "mmap":
-        try:
-            from lorakit.train.malloc import return_large_frees_to_os
-
-            return_large_frees_to_os()
-        except ImportError:
-            pass
+        return_large_frees_to_os()
     step_fn, step_name = training_step(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -155,29 +152,18 @@ def child_train(args: argparse.Namespace) -> dict:
 
 
 def training_step(model):
-    """(batch -> loss after backward, name): lorakit's step when it exists, transformers' loss otherwise."""
-    try:
-        from lorakit.train.step import batch_loss_sum
-    except ImportError:
-        batch_loss_sum = None
-    if batch_loss_sum is not None:
-        from lorakit.train.step import training_paths, transformers_model
+    """(batch -> loss after backward, name): lorakit's training step."""
+    from lorakit.train.step import batch_loss_sum, training_paths, transformers_model
 
-        def step(batch):
-            # backward stays inside the packed-attention and lean-kernel contexts, as in lorakit's
-            # loop: with checkpointing on, the decoder layers run again there and must take the same
-            # attention and kernel paths as in the forward
-            with training_paths(transformers_model(model)):
-                loss_sum, count = batch_loss_sum(model, batch, bf16=True)
-                (loss_sum / count).backward()
-            return float(loss_sum) / count
-        return step, "lorakit.train.step.batch_loss_sum (bf16 autocast, chunked head loss)"
-
-    def hf_step(batch):
-        loss = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
-        loss.backward()
-        return float(loss)
-    return hf_step, "transformers loss (full logits)"
+    def step(batch):
+        # backward stays inside the packed-attention and lean-kernel contexts, as in lorakit's loop:
+        # with checkpointing on, the decoder layers run again there and must take the same attention
+        # and kernel paths as in the forward
+        with training_paths(transformers_model(model)):
+            loss_sum, count = batch_loss_sum(model, batch, bf16=True)
+            (loss_sum / count).backward()
+        return float(loss_sum) / count
+    return step, "lorakit.train.step.batch_loss_sum (bf16 autocast, chunked head loss)"
 
 
 def child_make_llama(args: argparse.Namespace) -> dict:
@@ -199,92 +185,6 @@ def child_make_llama(args: argparse.Namespace) -> dict:
     model.save_pretrained(staging, safe_serialization=True)
     os.replace(staging, target)
     return {"model_dir": str(target), "created": True, "params": sum(p.numel() for p in model.parameters())}
-
-
-def child_merge(args: argparse.Namespace) -> dict:
-    """Train a short adapter on the nf4 base (real text), then compare merges against the unmerged model:
-    lorakit's dequantize-and-merge (bf16, and fp32) vs peft's merge_and_unload (re-quantizes to nf4)."""
-    import tempfile
-
-    import torch
-
-    from lorakit import LoraConfig, get_peft_model, load_model, load_tokenizer, prepare_model_for_kbit_training
-    from lorakit.quant.guard import keep_4bit_trainable
-    from lorakit.quant.config import QuantConfig
-    from lorakit.quant.merge import merge_to_directory, write_quant_record
-    from lorakit.quant.requantize import PROBE_PROMPTS, logit_error, probe_inputs, prompt_logits
-
-    work = Path(tempfile.mkdtemp(prefix="lorakit-bench-merge-"))
-    tokenizer = load_tokenizer(args.model_dir)
-    text = "\n\n".join(p.read_text() for p in sorted((ROOT).glob("*.md")) + sorted((ROOT / "docs").glob("*.md")))
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
-    rows = [ids[i : i + args.seq_len] for i in range(0, len(ids) - args.seq_len, args.seq_len)][: args.batch * args.merge_steps] or [ids[: args.seq_len]]
-    torch.manual_seed(0)
-    model = get_peft_model(prepare_model_for_kbit_training(load_model(args.model_dir, quantization="nf4")),
-                           LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=TARGETS_DEFAULT, task_type="CAUSAL_LM"))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.merge_lr)
-    losses = []
-    for step in range(args.merge_steps):
-        chunk = rows[(step * args.batch) % len(rows):][: args.batch] or rows[: args.batch]
-        batch = torch.stack(chunk)
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-    adapter = work / "adapter"
-    model.save_pretrained(adapter)
-    write_quant_record(adapter, QuantConfig("nf4"))
-    probes = probe_inputs(tokenizer, PROBE_PROMPTS)
-    reference = prompt_logits(model, probes)  # lorakit, unmerged, quantized base
-    del model, optimizer
-
-    result = {"train_losses": losses, "probe_tokens": sum(p.shape[1] for p in probes)}
-    for dtype in ("bf16", "fp32"):
-        report = merge_to_directory(args.model_dir, adapter, work / f"merged-{dtype}", dtype=dtype, prompts=PROBE_PROMPTS)
-        result[f"lorakit_dense_{dtype}"] = {"max": report.error.max_abs, "mean": report.error.mean_abs}
-    report = merge_to_directory(args.model_dir, adapter, work / "merged-nf4", requantize="nf4", prompts=PROBE_PROMPTS)
-    result["lorakit_requantize_nf4"] = {"max": report.error.max_abs, "mean": report.error.mean_abs}
-
-    # Exactness of the merge itself, without bf16 compute noise on either side: the same nf4 codes,
-    # computed in fp32 unmerged, against the fp32 merged model.
-    from transformers import AutoModelForCausalLM
-
-    from lorakit.lora.model import LoraModel
-
-    base32 = load_model(args.model_dir, quantization="nf4")
-    keep_4bit_trainable(base32)
-    for module in base32.modules():
-        if type(module).__name__ == "Linear4bit":
-            module.compute_dtype = torch.float32
-    for param in base32.parameters():
-        if type(param).__name__ != "Params4bit":
-            param.data = param.data.float()
-    reference32 = prompt_logits(LoraModel.from_pretrained(base32, adapter), probes)
-    merged32 = AutoModelForCausalLM.from_pretrained(str(work / "merged-fp32"), dtype=torch.float32)
-    error = logit_error(reference32, prompt_logits(merged32, probes))
-    result["lorakit_dense_fp32_vs_fp32_unmerged"] = {"max": error.max_abs, "mean": error.mean_abs}
-    del base32, merged32
-
-    import peft
-
-    from lorakit.models.load import resolve_model_dir
-    from lorakit.quant.load import bnb_config
-
-    base = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir(args.model_dir)), quantization_config=bnb_config(QuantConfig("nf4")),
-                                                dtype=torch.bfloat16, device_map={"": "cpu"})
-    keep_4bit_trainable(base)  # the same dequantize-then-matmul path as lorakit's reference
-    peft_model = peft.PeftModel.from_pretrained(base, str(adapter))
-    peft_unmerged = prompt_logits(peft_model, probes)
-    merged = peft_model.merge_and_unload()
-    keep_4bit_trainable(merged)
-    peft_merged = prompt_logits(merged, probes)
-    for key, logits in (("peft_unmerged_vs_lorakit_unmerged", peft_unmerged), ("peft_merge_and_unload", peft_merged)):
-        error = logit_error(reference, logits)
-        result[key] = {"max": error.max_abs, "mean": error.mean_abs}
-    error = logit_error(peft_unmerged, peft_merged)
-    result["peft_merge_and_unload_vs_peft_unmerged"] = {"max": error.max_abs, "mean": error.mean_abs}
-    return result
 
 
 # ================================================================================================
@@ -377,23 +277,6 @@ def report_training(title: str, results: list[dict], predicted: dict | None) -> 
     return lines
 
 
-def report_merge(result: dict) -> list[str]:
-    lines = ["\n## Merge quality (default model, nf4 base, adapter trained on the repo's docs)",
-             f"adapter training loss: {result['train_losses'][0]:.3f} -> {result['train_losses'][-1]:.3f}; "
-             f"{result['probe_tokens']} probe tokens; reference: lorakit's unmerged model on the nf4 base (bf16 compute, as trained),",
-             "so a merged model evaluated in fp32 also differs by the reference's own bf16 rounding", "",
-             "| merged model | max abs logit diff | mean abs |", "|---|---|---|"]
-    names = {"lorakit_dense_bf16": "lorakit: dequantize + merge in fp32, write bf16",
-             "lorakit_dense_fp32": "lorakit: dequantize + merge in fp32, write fp32",
-             "lorakit_dense_fp32_vs_fp32_unmerged": "lorakit fp32 merge vs the unmerged model computed in fp32 (merge exactness)",
-             "lorakit_requantize_nf4": "lorakit --requantize nf4",
-             "peft_merge_and_unload": "peft merge_and_unload (re-quantizes to nf4)",
-             "peft_unmerged_vs_lorakit_unmerged": "(noise floor: peft unmerged vs lorakit unmerged)"}
-    for key, name in names.items():
-        lines.append(f"| {name} | {result[key]['max']:.4f} | {result[key]['mean']:.5f} |")
-    return lines
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="model for the first table ('default' or a directory)")
@@ -403,7 +286,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-every", type=int, default=1, help="checkpoint every n-th decoder layer (default 1: all)")
     parser.add_argument("--malloc", default="glibc", choices=["glibc", "mmap"],
                         help="glibc: the allocator as `lorakit train` leaves it (default); mmap: fix glibc's mmap threshold "
-                             "at 1 MB (lorakit.train.malloc), so freed activations go back to the OS (less RSS, slower)")
+                             "at 1 MB (bench/malloc.py), so freed activations go back to the OS (less RSS, slower)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--batch", type=int, default=4)
@@ -414,9 +297,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--llama-1b", action="store_true", help="also run the ~1.1B random-weight Llama")
     parser.add_argument("--layers", type=int, default=0, help="decoder layers of that Llama (0: 22, its real depth)")
     parser.add_argument("--llama-dir", default="", help="where to keep it (default: $LORAKIT_CACHE/bench/llama-1.1b-random[-N])")
-    parser.add_argument("--merge-quality", action="store_true", help="also compare merges on the default model")
-    parser.add_argument("--merge-steps", type=int, default=20)
-    parser.add_argument("--merge-lr", type=float, default=1e-3)
     parser.add_argument("--json", default="", help="write every number here too")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default="", help=argparse.SUPPRESS)
@@ -431,8 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         import logging
 
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-        children = {"train": child_train, "make-llama": child_make_llama, "merge": child_merge, "estimate": child_estimate,
-                    "resolve": child_resolve}
+        children = {"train": child_train, "make-llama": child_make_llama, "estimate": child_estimate, "resolve": child_resolve}
         result = children[args.child](args)
         print(json.dumps(result))
         return 0
@@ -455,14 +334,6 @@ def main(argv: list[str] | None = None) -> int:
         predicted = estimate_for(llama_dir, args)
         everything["llama_1b"] = {"results": results, "estimate": predicted, "layers": args.layers or 22}
         report += report_training(f"Llama ~1.1B, random weights ({args.layers or 22} layers)", results, predicted)
-    if args.merge_quality:
-        print("merge quality ...", flush=True)
-        model_dir = run_child(["--child", "resolve", "--model", args.model])["model_dir"]
-        result = run_child(["--child", "merge", "--model-dir", model_dir, "--batch", str(args.batch),
-                            "--seq-len", str(args.seq_len), "--r", str(args.r), "--merge-steps", str(args.merge_steps),
-                            "--merge-lr", str(args.merge_lr)])
-        everything["merge"] = result
-        report += report_merge(result)
     print("\n".join(report))
     if args.json:
         Path(args.json).write_text(json.dumps(everything, indent=2) + "\n")

@@ -5,9 +5,9 @@ mmap threshold (up to 32 MB) and later activations come from the heap, where fre
 stays in the process. On the default model that grew RSS by 0.5 GB from the first training step to
 the second. A fixed 1 MB threshold keeps large tensors on mmap, returned to the OS when freed.
 
-Training does not call this by default: every step then faults its activation pages in afresh, which
-cost more speed than the ~0.4 GB of peak RSS it saved on the default model. Benchmarks use it to
-compare allocators (bench/qlora_memory.py --malloc)."""
+lorakit does not call this: every step then faults its activation pages in afresh, which cost more
+speed than the ~0.4 GB of peak RSS it saved on the default model. bench/qlora_memory.py --malloc mmap
+uses it to compare allocators (and `lorakit estimate --allocator mmap` models it)."""
 
 from __future__ import annotations
 
