@@ -131,31 +131,26 @@ class LoraLinear(nn.Module):
         return flat.view(result.shape).to(result.dtype)
 
     def _add_routed(self, result: torch.Tensor, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Each row its own adapter mix: gather every row's (A, B) from the bank and run batched
-        matmuls (Punica's gather idea), so the cost does not grow with the number of distinct adapters."""
+        """Each row its own adapter mix, in two matmuls for the whole batch whatever the number of
+        distinct adapters: x times every bank slot's A at once (B, T, S*R), each row's columns scaled by
+        its weight for that slot (zero for slots it does not use), then times every slot's scaled B."""
         if self.merged_adapters:
             raise LorakitError("per-row adapters cannot run while adapters are merged into the weights; call unmerge_adapter() first")
         rows = x.shape[0]
         if rows != routing.rows:
             raise LorakitError(f"adapter routing has {routing.rows} rows but the batch has {rows}; pass one adapter name per row")
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else result.dtype
-        a_bank, b_bank = self.bank(routing, dtype, x.device)
-        x3 = x.reshape(rows, -1, self.in_features).to(dtype)  # (B, T, in)
-        out = result.reshape(rows, -1, self.out_features)
-        delta = None
-        for j in range(routing.slots.shape[0]):
-            slots = routing.slots[j]
-            xa = torch.bmm(x3, a_bank[slots].transpose(1, 2))  # (B, T, R)
-            if not routing.unit_weights:
-                xa = xa * routing.weights[j].to(dtype).view(rows, 1, 1)
-            part = torch.bmm(xa, b_bank[slots].transpose(1, 2))  # (B, T, out)
-            delta = part if delta is None else delta + part
-        return (out + delta.to(out.dtype)).view(result.shape)
+        a_bank, b_bank = self.bank(routing, dtype, x.device)  # (S*R, in), (out, S*R)
+        xa = torch.nn.functional.linear(x.to(dtype), a_bank).view(rows, -1, a_bank.shape[0])  # (B, T, S*R)
+        xa = xa * routing.column_scales(dtype)[:, None, :]
+        flat = torch.addmm(result.reshape(-1, self.out_features).to(dtype), xa.view(-1, a_bank.shape[0]), b_bank.T)
+        return flat.view(result.shape).to(result.dtype)
 
     @torch.no_grad()
     def bank(self, routing: Routing, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, scaling * B) of every adapter in the slot table, stacked by slot and zero-padded to the
-        table's rank: (slots, R, in) and (slots, out, R). Rebuilt only when the table changes."""
+        """A of every adapter in the slot table stacked by slot, (S*R, in), and scaling * B side by side,
+        (out, S*R); each slot zero-padded to the table's rank R, zero for adapters this layer lacks.
+        Rebuilt only when the table or an adapter's weights change."""
         table = routing.table
         # Tensor versions count in-place updates, so an adapter trained after the bank was built is seen.
         weights_version = sum(m.weight._version for m in (*self.lora_A.values(), *self.lora_B.values()))
@@ -163,16 +158,17 @@ class LoraLinear(nn.Module):
         cached = getattr(self, "_bank", None)
         if cached is not None and cached[0] == key:
             return cached[1]
-        count, width = max(table.slot_of.values(), default=0) + 1, table.rank_width
+        count, width = max(table.slot_of.values(), default=0), table.rank_width
         a_bank = torch.zeros(count, width, self.in_features, dtype=dtype, device=device)
-        b_bank = torch.zeros(count, self.out_features, width, dtype=dtype, device=device)
+        b_bank = torch.zeros(self.out_features, count, width, dtype=dtype, device=device)
         for name, slot in table.slot_of.items():
             if name in self.lora_A:
                 r = self.lora_A[name].weight.shape[0]
-                a_bank[slot, :r] = self.lora_A[name].weight.to(dtype)
-                b_bank[slot, :, :r] = (self.lora_B[name].weight.float() * self.scaling[name]).to(dtype)
-        self._bank = (key, (a_bank, b_bank))
-        return a_bank, b_bank
+                a_bank[slot - 1, :r] = self.lora_A[name].weight.to(dtype)
+                b_bank[:, slot - 1, :r] = (self.lora_B[name].weight.float() * self.scaling[name]).to(dtype)
+        banks = (a_bank.view(count * width, self.in_features), b_bank.view(self.out_features, count * width))
+        self._bank = (key, banks)
+        return banks
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={list(self.lora_A)}, active={self.active_adapters}"

@@ -13,7 +13,7 @@ from torch import nn
 from lorakit.adapters.peft_format import load_adapter_weights, read_adapter_config, read_adapter_weights, save_adapter
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
-from lorakit.lora import merge as merge_ops
+from lorakit.lora import arithmetic, merge as merge_ops
 from lorakit.lora.inject import count_parameters, freeze_adapter, inject_adapter, mark_trainable, trainable_report
 from lorakit.lora.layer import LoraLinear, ModulesToSave, adapters_disabled
 from lorakit.lora.routing import BASE, RowSpec, SlotTable, build_routing, routed
@@ -157,6 +157,12 @@ class LoraModel(nn.Module):
         self._activate(active if active in self.peft_config else adapter_name)
         if not is_trainable:
             freeze_adapter(self.model, adapter_name)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", **kwargs: Any) -> None:
+        """peft's add_weighted_adapter: a new adapter combining `adapters` (see lora/arithmetic.py)."""
+        arithmetic.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+        self._adapters_changed()
 
     def _remove_partial(self, adapter_name: str) -> None:
         self.peft_config.pop(adapter_name, None)

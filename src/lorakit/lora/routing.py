@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence, Union
 
 import torch
@@ -40,10 +40,21 @@ class Routing:
     unit_weights: bool  # every used slot has weight 1: the scale multiply can be skipped
     table: SlotTable
     base_only: bool  # no row uses any adapter: LoraLinear layers add nothing
+    _scales: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def rows(self) -> int:
         return self.slots.shape[1]
+
+    def column_scales(self, dtype: torch.dtype) -> torch.Tensor:
+        """(B, S * R): row b's weight for every rank column of every bank slot 1..S (0 where the row does
+        not use that slot). The same for every layer, so it is built once per forward pass."""
+        if dtype not in self._scales:
+            count, width = max(self.table.slot_of.values(), default=0), self.table.rank_width
+            per_slot = torch.zeros(self.rows, count + 1, device=self.slots.device)
+            per_slot.scatter_add_(1, self.slots.T, self.weights.T)  # (B, S + 1); slot 0 collects the unused
+            self._scales[dtype] = per_slot[:, 1:].repeat_interleave(width, dim=1).to(dtype)
+        return self._scales[dtype]
 
 
 _ROUTING: ContextVar[Routing | None] = ContextVar("lorakit_routing", default=None)
