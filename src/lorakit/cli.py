@@ -8,7 +8,7 @@ import sys
 
 from lorakit.errors import LorakitError
 
-COMMANDS = ["train", "generate", "merge", "inspect", "estimate", "combine"]
+COMMANDS = ["train", "generate", "eval", "merge", "combine", "inspect", "estimate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,14 +1,22 @@
-"""`lorakit generate`: complete a prompt or answer a chat message, with or without an adapter."""
+"""`lorakit generate`: complete a prompt or answer a chat message, with or without adapters, streamed."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+from lorakit.errors import LorakitError
+from lorakit.infer.engine import Engine
+from lorakit.infer.sampling import SamplingParams
+from lorakit.lora.model import LoraModel
+from lorakit.models.load import load_model, load_tokenizer
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("generate", help="generate text from the base model or base + adapter")
+    parser = sub.add_parser("generate", help="generate text from the base model or base + adapter(s)")
     parser.add_argument("--model", default="default", help="'default' or a local model directory")
-    parser.add_argument("--adapter", default=None, help="adapter directory to apply (peft format)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR[:SCALE]",
+                        help="adapter directory (peft format); repeat to mix several, each with an optional scale")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="raw text to continue")
     what.add_argument("--chat", help="a user message, rendered with the tokenizer's chat template")
@@ -16,35 +24,53 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 = no limit")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32")
     parser.set_defaults(run=run)
 
 
+def parse_adapter_spec(spec: str, index: int) -> tuple[str, str, float]:
+    """'[NAME=]DIR[:SCALE]' -> (name, directory, scale)."""
+    name, _, rest = spec.rpartition("=") if "=" in spec else (f"adapter{index}", "", spec)
+    directory, scale = rest, 1.0
+    head, _, tail = rest.rpartition(":")
+    if head and _is_number(tail):
+        directory, scale = head, float(tail)
+    if not directory:
+        raise LorakitError(f"--adapter {spec!r} names no directory; use [NAME=]DIR[:SCALE]")
+    return name, directory, scale
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from lorakit.errors import LorakitError
-    from lorakit.lora.model import PeftModel
-    from lorakit.models.load import load_model, load_tokenizer
-
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
-        raise LorakitError("need --temperature >= 0, 0 < --top-p <= 1 and --max-new-tokens >= 1")
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, stop=tuple(args.stop), seed=args.seed).validate()
+    specs = [parse_adapter_spec(s, i) for i, s in enumerate(args.adapter)]
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=args.dtype)
-    if args.adapter:
-        model = PeftModel.from_pretrained(model, args.adapter)
-    model.eval()
-    text = args.prompt if args.prompt is not None else _chat_text(tokenizer, args.chat, args.system)
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=args.prompt is not None)
-    torch.manual_seed(args.seed)
-    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {"do_sample": False}
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
-    print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    model = LoraModel.wrap(load_model(args.model, dtype=args.dtype))
+    for name, directory, _ in specs:
+        model.load_adapter(directory, name)
+    engine = Engine(model, tokenizer, max_batch=1, max_len=4096)
+    if args.chat is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.chat}]
+        prompt = engine.chat_prompt(messages)
+    else:
+        prompt = tokenizer.encode(args.prompt, add_special_tokens=True)
+    mix = {name: scale for name, _, scale in specs} or None
+    try:
+        for piece in engine.submit(prompt, mix, params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    finally:
+        engine.close(cancel=True)
+    sys.stdout.write("\n")
     return 0
-
-
-def _chat_text(tokenizer, message: str, system: str | None) -> str:
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -129,3 +129,29 @@ def _with_bos(tokenizer, input_ids: list[int], labels: list[int]) -> tuple[list[
     if tokenizer.encode("a", add_special_tokens=True)[:1] != [bos]:
         return input_ids, labels
     return [bos] + input_ids, [IGNORE_INDEX] + labels
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    where: str
+    prompt_ids: list[int]
+    """The prompt of the sample's last reply, tokenized exactly as training tokenized it."""
+    reference: str
+    """That reply's text, without special tokens or surrounding whitespace."""
+
+
+def eval_prompt(sample: Sample, tokenizer, template: PromptTemplate) -> EvalPrompt:
+    """Split a sample into the prompt a model answers and the reference answer (its last reply).
+
+    Raises:
+        LorakitError: a text record, which has no reply to compare with.
+    """
+    if sample.kind == "text":
+        raise LorakitError(f"{sample.where}: a text record has no reply to compare with; evaluate instruction or chat records")
+    segments = sample_segments(sample, tokenizer, template)
+    last = max(i for i, s in enumerate(segments) if s.learned)
+    ids = [t for s in segments[:last] for t in tokenizer.encode(s.text, add_special_tokens=False)]
+    if not template.uses_chat_template:
+        ids, _ = _with_bos(tokenizer, ids, [IGNORE_INDEX] * len(ids))
+    reply = tokenizer.encode(segments[last].text, add_special_tokens=False)
+    return EvalPrompt(sample.where, ids, tokenizer.decode(reply, skip_special_tokens=True).strip())
