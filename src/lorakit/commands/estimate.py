@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from lorakit.errors import LorakitError
-from lorakit.estimate import estimate
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # here, not at the top: lorakit.estimate pulls in transformers' modelling code (~2 s), which every
+    # other command and `lorakit --help` would pay, since cli.py imports all command modules
+    from lorakit.estimate import estimate
+
     problems = [f"--{name} must be a positive integer (got {getattr(args, name.replace('-', '_'))})"
                 for name in ("r", "seq-len", "batch") if getattr(args, name.replace("-", "_")) <= 0]
     if problems:

@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+from transformers import masking_utils
 
 from lorakit.errors import LorakitError
 from lorakit.models.load import resolve_model_dir
@@ -107,7 +108,7 @@ def measure_decoder(model: nn.Module, batch: int, seq_len: int, lora_targets: Se
     # kernels), as its training step runs them
     packed = {SEQ_LENS_KWARG: [[seq_len]] * batch}
     try:
-        with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t), training_paths(model), _flash_attention_on_meta(device):
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t), training_paths(model), _meta_shims(device):
             decoder(input_ids=ids, position_ids=positions, use_cache=False, **packed)
     finally:
         meter.close()
@@ -132,13 +133,21 @@ class _FlashOnMeta(torch.autograd.Function):
 
 
 @contextmanager
-def _flash_attention_on_meta(device: str) -> Iterator[None]:
+def _meta_shims(device: str) -> Iterator[None]:
+    """On meta tensors, stand in for the two steps of a real forward that need values:
+      - SDPA keeps what the CPU flash kernel keeps (`_FlashOnMeta`), not its math path's fp32 matrices;
+      - transformers' mask preparation looks for packed sequences in position_ids (a data-dependent
+        check, since lorakit registers a mask function for its packed attention); every profiled row is
+        one example, for which that check finds none, so None is its answer here too."""
     if device != "meta":
         yield
         return
-    original = torch.nn.functional.scaled_dot_product_attention
+    original_sdpa = torch.nn.functional.scaled_dot_product_attention
+    original_find = masking_utils.find_packed_sequence_indices
     torch.nn.functional.scaled_dot_product_attention = lambda q, k, v, *args, **kwargs: _FlashOnMeta.apply(q, k, v)
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
     try:
         yield
     finally:
-        torch.nn.functional.scaled_dot_product_attention = original
+        torch.nn.functional.scaled_dot_product_attention = original_sdpa
+        masking_utils.find_packed_sequence_indices = original_find
