@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
-from transformers import masking_utils
+from transformers import AutoConfig, AutoModelForCausalLM, masking_utils
 
 from lorakit.errors import LorakitError
 from lorakit.models.load import resolve_model_dir
@@ -22,8 +22,6 @@ from lorakit.train.step import training_paths
 
 def load_config(model: str | os.PathLike):
     """config.json of "default", a model directory, or a config.json path."""
-    from transformers import AutoConfig  # here: seconds of import; `lorakit --help` should not pay them
-
     path = Path(model)
     if path.is_file() and path.name.endswith(".json"):
         path = path.parent
@@ -33,8 +31,6 @@ def load_config(model: str | os.PathLike):
 
 def meta_model(config) -> nn.Module:
     """The architecture of `config` in bf16 on the meta device, frozen."""
-    from transformers import AutoModelForCausalLM  # here: see load_config
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     return model.requires_grad_(False)
