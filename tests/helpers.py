@@ -38,3 +38,33 @@ def randomize_lora_b(model, seed: int = 1) -> None:
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+class ToyTokenizer:
+    """Printable characters <-> ids for tiny models (vocab 128): id = 2 + (ord(c) - 32) % 96, id 1 is EOS."""
+
+    eos_token_id = 1
+    pad_token_id = 0
+    chat_template = None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [2 + (ord(c) - 32) % 96 for c in text]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(32 + (int(i) - 2) % 96) for i in ids if int(i) > 1)
+
+
+def tiny_lora_model(seed: int = 0, dtype=torch.float32):
+    """A tiny Llama with three adapters of different ranks and target sets, all with non-zero B."""
+    from lorakit import LoraConfig, get_peft_model
+
+    model = make_tiny_llama(seed).to(dtype)
+    lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), "a")
+    lora.add_adapter("b", LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "o_proj", "v_proj"]))
+    lora.add_adapter("c", LoraConfig(r=2, lora_alpha=4, target_modules=["gate_proj", "down_proj", "q_proj"]))
+    randomize_lora_b(lora, seed + 1)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.mul_(3)  # adapters that change greedy tokens, not just logits
+    return lora.eval()

@@ -15,6 +15,7 @@ the row's own cached tokens."""
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -147,6 +148,8 @@ class Engine:
             raise LorakitError("the prompt is empty; give at least one token")
         if len(ids) >= self.max_len:
             raise LorakitError(f"the prompt has {len(ids)} tokens but the context holds {self.max_len}; shorten it")
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=self.max_len - len(ids))
         if len(ids) + params.max_tokens > self.max_len:
             raise LorakitError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {self.max_len}; "

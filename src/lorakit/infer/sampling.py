@@ -11,9 +11,10 @@ from lorakit.errors import LorakitError
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """OpenAI's names and meanings: temperature 0 is greedy; top_k 0 means no limit."""
+    """OpenAI's names and meanings: temperature 0 is greedy; top_k 0 means no limit; max_tokens None
+    means up to the end of the context (as vLLM does)."""
 
-    max_tokens: int = 256
+    max_tokens: int | None = None
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -22,7 +23,7 @@ class SamplingParams:
 
     def problems(self) -> list[str]:
         found = []
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             found.append(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if self.temperature < 0:
             found.append(f"temperature must be >= 0, got {self.temperature}")

@@ -9,13 +9,12 @@ class TextStream:
     """The text of one request's generated tokens, released piece by piece.
 
     Text is decoded from all tokens so far (a token alone can be half a UTF-8 character or lose a
-    leading space); a piece is released only when it no longer ends in a partial character and cannot
-    be the start of a stop string."""
+    leading space); a piece is released only when it no longer ends in a partial character, and an end of
+    the text that could be the start of a stop string is held back."""
 
     def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
-        self.holdback = max((len(s) for s in self.stop), default=1) - 1
         self.token_ids: list[int] = []
         self.text = ""
         self.released = 0
@@ -32,7 +31,7 @@ class TextStream:
                 self.stopped = True
         if self.stopped:
             return self.flush()
-        end = len(self.text) - self.holdback
+        end = len(self.text) - self._partial_stop()
         if self.text.endswith("\ufffd"):
             end = min(end, len(self.text) - 1)
         if end <= self.released:
@@ -40,6 +39,16 @@ class TextStream:
         piece = self.text[self.released:end]
         self.released = end
         return piece
+
+    def _partial_stop(self) -> int:
+        """Length of the longest end of the text that could be the start of a stop string."""
+        longest = 0
+        for stop in self.stop:
+            for k in range(min(len(stop) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(stop[:k]):
+                    longest = k
+                    break
+        return longest
 
     def flush(self) -> str:
         """Release whatever is held back (the request is finished)."""

@@ -1,0 +1,147 @@
+"""The generation engine: continuous batching, per-row adapters, sampling, stopping, the batch-invariant mode."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from lorakit.errors import LorakitError
+from lorakit.infer.engine import Engine
+from lorakit.infer.sampling import SamplingParams
+from tests.helpers import ToyTokenizer, make_tiny_llama, tiny_lora_model
+
+PROMPTS = ["hello there", "a", "the quick brown fox jumps", "lorem ipsum", "xyz", "0123456789", "tiny", "Q"]
+ADAPTERS = ["a", "b", None, "c", {"a": 0.5, "b": 0.5}, "a", "__base__", {"b": 1.0, "c": -1.0}]
+
+
+def engine(model=None, **kw) -> Engine:
+    return Engine(model if model is not None else tiny_lora_model(), ToyTokenizer(), max_len=kw.pop("max_len", 96), **kw)
+
+
+def hf_greedy(model, prompt: str, adapter, n: int) -> list[int]:
+    ids = torch.tensor([ToyTokenizer().encode(prompt)])
+    with torch.no_grad():
+        if adapter in (None, "__base__"):
+            with model.disable_adapter():
+                out = model.model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None)
+        else:
+            model.set_adapter(adapter)
+            out = model.model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None)
+    return out[0, ids.shape[1] :].tolist()
+
+
+def test_greedy_tokens_equal_transformers_generate_with_each_adapter() -> None:
+    model = tiny_lora_model()
+    eng = engine(model, max_batch=4)
+    params = SamplingParams(max_tokens=10)
+    outs = eng.generate(PROMPTS[:4], ADAPTERS[:4], params)
+    eng.close()
+    for prompt, adapter, out in zip(PROMPTS, ADAPTERS, outs):
+        expected = hf_greedy(model, prompt, adapter, 10)
+        assert out.token_ids == expected[: len(out.token_ids)]
+        assert out.finish_reason == ("length" if len(out.token_ids) == 10 else "stop")
+
+
+def test_continuous_batching_gives_each_request_its_tokens_alone() -> None:
+    eng = engine(max_batch=3)  # fewer slots than requests: requests join and leave mid-run
+    params = [SamplingParams(max_tokens=n) for n in (12, 3, 8, 5, 12, 2, 9, 7)]
+    handles = [eng.submit(p, a, s) for p, a, s in zip(PROMPTS, ADAPTERS, params)]
+    together = [h.result() for h in handles]
+    alone = [eng.generate([p], [a], s)[0] for p, a, s in zip(PROMPTS, ADAPTERS, params)]
+    eng.close()
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert len({tuple(o.token_ids) for o in together}) > 4  # the adapters and prompts really differ
+
+
+def test_a_short_request_does_not_wait_for_a_long_one() -> None:
+    eng = engine(max_batch=2)
+    long = eng.submit("a long one", "a", SamplingParams(max_tokens=60))
+    short = eng.submit("short", "b", SamplingParams(max_tokens=3))
+    short_done = short.result()
+    assert not long._done.is_set()  # still generating when the short one has finished
+    assert short_done.finished < long.result().finished
+    eng.close()
+
+
+def test_streamed_pieces_make_the_text_and_stop_strings_cut_it() -> None:
+    eng = engine(max_batch=2)
+    full = eng.generate(["hello there"], ["a"], SamplingParams(max_tokens=20))[0]
+    assert len(full.text) >= 6
+    stop = full.text[3:5]
+    handle = eng.submit("hello there", "a", SamplingParams(max_tokens=20, stop=(stop,)))
+    pieces = list(handle)
+    result = handle.result()
+    eng.close()
+    assert "".join(pieces) == result.text == full.text[: full.text.find(stop)]
+    assert result.finish_reason == "stop"
+
+
+def test_sampling_is_seeded_per_request() -> None:
+    eng = engine(max_batch=4)
+    hot = lambda seed: SamplingParams(max_tokens=16, temperature=1.5, top_p=0.95, top_k=50, seed=seed)  # noqa: E731
+    first = [h.result().token_ids for h in [eng.submit("same", "a", hot(7)), eng.submit("other", "b", hot(8))]]
+    again = eng.generate(["same"], ["a"], hot(7))[0].token_ids
+    different = eng.generate(["same"], ["a"], hot(9))[0].token_ids
+    eng.close()
+    assert first[0] == again  # the same seed gives the same text, whatever else ran beside it
+    assert different != again
+
+
+def test_cancel_frees_the_slot() -> None:
+    eng = engine(max_batch=1)
+    first = eng.submit("first", "a", SamplingParams(max_tokens=80))
+    second = eng.submit("second", "b", SamplingParams(max_tokens=2))
+    first.cancel()
+    assert first.result(timeout=30).finish_reason == "cancelled"
+    assert second.result(timeout=30).finish_reason in ("length", "stop")
+    eng.close()
+
+
+def test_requests_that_cannot_fit_are_refused_with_one_line() -> None:
+    eng = engine(max_len=32)
+    with pytest.raises(LorakitError, match="context holds 32; shorten it"):
+        eng.submit("x" * 40, None)
+    with pytest.raises(LorakitError, match="lower max_tokens to at most 22"):
+        eng.submit("x" * 10, None, SamplingParams(max_tokens=30))
+    with pytest.raises(LorakitError, match="temperature must be >= 0"):
+        eng.submit("x", None, SamplingParams(temperature=-1))
+    with pytest.raises(LorakitError, match="no adapter named 'nope'; loaded adapters: a, b, c"):
+        eng.submit("x", "nope")
+    assert eng.load == (0, 0)
+    eng.close()
+
+
+def test_batch_invariant_mode_gives_identical_bf16_tokens_in_any_batch() -> None:
+    model = tiny_lora_model(dtype=torch.bfloat16)
+    eng = engine(model, max_batch=8, deterministic=True)
+    params = SamplingParams(max_tokens=12)
+    prompts, adapters = PROMPTS * 2, ADAPTERS * 2
+    handles = [eng.submit(p, a, params) for p, a in zip(prompts, adapters)]
+    together = [h.result().token_ids for h in handles]
+    alone = [eng.generate([p], [a], params)[0].token_ids for p, a in zip(prompts, adapters)]
+    eng.close()
+    assert together == alone
+
+
+def test_an_engine_on_a_plain_model_serves_the_base() -> None:
+    eng = engine(make_tiny_llama(), max_batch=2)
+    out = eng.generate(["abc"], [None], SamplingParams(max_tokens=4))[0]
+    with pytest.raises(LorakitError, match="no adapter named 'a'; loaded adapters: none"):
+        eng.submit("abc", "a")
+    eng.close()
+    assert out.completion_tokens >= 1
+
+
+def test_registry_changes_wait_for_the_step_in_flight(tmp_path) -> None:
+    model = tiny_lora_model()
+    model.save_pretrained(tmp_path, selected_adapters=["b"])
+    eng = engine(model, max_batch=4)
+    running = eng.submit("keep going", "a", SamplingParams(max_tokens=60))
+    loader = threading.Thread(target=eng.registry.load, args=("b2", tmp_path / "b"))
+    loader.start()
+    loader.join()
+    late = eng.submit("late", "b2", SamplingParams(max_tokens=5)).result()
+    assert running.result().completion_tokens >= 1 and late.completion_tokens >= 1
+    eng.close()
