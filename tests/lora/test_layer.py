@@ -64,10 +64,19 @@ def test_dropout_acts_on_the_lora_path_only() -> None:
     layer = make_layer(lora_dropout=0.5)
     assert isinstance(layer.lora_dropout["default"], nn.Dropout)
     assert isinstance(make_layer().lora_dropout["default"], nn.Identity)
-    layer.train()
+    randomize_b(layer)
     x = inputs()
-    # B is zero, so a dropped-out LoRA path still leaves exactly the base output.
-    assert torch.equal(layer(x), layer.base_layer(x))
+    a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    layer.train()
+    torch.manual_seed(3)
+    dropped = layer(x) - layer.base_layer(x)
+    torch.manual_seed(3)
+    mask = nn.functional.dropout(torch.ones_like(x), p=0.5, training=True)  # the same draw the layer made
+    # The base path sees x whole; the LoRA path sees the dropped-out x (scaled by 1 / (1 - p)).
+    torch.testing.assert_close(dropped, ((x * mask) @ a.T @ b.T) * s, atol=ATOL, rtol=0)
+    assert not torch.allclose(dropped, (x @ a.T @ b.T) * s, atol=ATOL)
+    layer.eval()  # no dropout in evaluation
+    torch.testing.assert_close(layer(x) - layer.base_layer(x), (x @ a.T @ b.T) * s, atol=ATOL, rtol=0)
 
 
 def test_merge_unmerge_keep_the_output_and_restore_the_weight() -> None:
@@ -110,10 +119,13 @@ def test_disabled_layer_runs_the_base_even_when_merged() -> None:
     randomize_b(layer)
     layer.merge()
     x = inputs()
+    merged_out = layer(x)
     with adapters_disabled(layer):
+        assert layer.merged_adapters == []  # entering the block unmerged it
         base_out = layer(x)
-    assert layer.merged_adapters == []  # disabling unmerged it
-    torch.testing.assert_close(base_out, layer.base_layer(x), atol=0, rtol=0)
+        torch.testing.assert_close(base_out, layer.base_layer(x), atol=0, rtol=0)
+    assert layer.merged_adapters == ["default"]  # leaving it merged it back
+    torch.testing.assert_close(layer(x), merged_out, atol=ATOL, rtol=0)
     assert not torch.allclose(layer(x), base_out)
 
 

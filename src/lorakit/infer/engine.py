@@ -287,7 +287,7 @@ class Engine:
 
     def _accept(self, row: _Row, token: int) -> None:
         """Record a sampled token: stream its text, or finish the row on EOS / stop / length."""
-        if token in self.eos_ids:
+        if token in self.eos_ids and not row.params.ignore_eos:
             self._retire(row, "stop")
             return
         row.generated.append(token)

@@ -20,6 +20,7 @@ class SamplingParams:
     top_k: int = 0
     stop: tuple[str, ...] = field(default_factory=tuple)
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: keep generating past EOS (benchmarks, fixed lengths)
 
     def problems(self) -> list[str]:
         found = []
