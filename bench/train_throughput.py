@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from lorakit.data.tokenize import IGNORE_INDEX
+
 CONFIGS = {
     "a": "peft, fp32, padded to 512 (the seeds' recipe)",
     "b": "peft, bf16, padded to the longest",
@@ -39,7 +41,7 @@ def examples(n: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
         length = rng.randint(64, 512)
         ids = [rng.randrange(100, 49000) for _ in range(length)]
         prompt = length // 4
-        out.append((ids, [-100] * prompt + ids[prompt:]))
+        out.append((ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
     return out
 
 
@@ -58,7 +60,7 @@ def peft_batches(kind: str, data, pad: int):
         group = data[start : start + ROWS]
         width = SEQ if kind == "a" else max(len(e[0]) for e in group)
         ids = [e[0] + [pad] * (width - len(e[0])) for e in group]
-        labels = [e[1] + [-100] * (width - len(e[1])) for e in group]
+        labels = [e[1] + [IGNORE_INDEX] * (width - len(e[1])) for e in group]
         mask = [[1] * len(e[0]) + [0] * (width - len(e[0])) for e in group]
         yield ({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)},
                sum(len(e[0]) for e in group))
@@ -83,14 +85,13 @@ def run_child(kind: str, steps: int) -> dict:
     data = examples(400)
     torch.manual_seed(0)
     if kind == "d":
-        from lorakit.train.step import batch_loss_sum
+        from lorakit.train.step import CAUSAL_LM, train_step
 
         model = lorakit.get_peft_model(load_model("default", dtype="bfloat16"), lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
         stream = lorakit_batches(data, 2)
 
-        def step(batch):
-            loss, count = batch_loss_sum(model, batch)
-            (loss / count).backward()
+        def step(batch):  # the loop's micro-step: one micro-batch per optimizer step, normalised by its labels
+            train_step(model, batch, normaliser=CAUSAL_LM.label_count(batch), objective=CAUSAL_LM, bf16=True)
     else:
         import peft
 

@@ -39,7 +39,12 @@ def test_generate_with_the_adapter(trained: Path, capsys):
     message = f"{INSTRUCTION}\n\nOn 5 March 2024, Maria Lopez bought three lamps at $45.50 apiece."
     assert main(["generate", "--adapter", str(trained / "adapter"), "--chat", message, "--max-new-tokens", "48"]) == 0
     text = capsys.readouterr().out
-    assert '"name"' in text
+    # the adapter answers in the task's format: one JSON object with the task's keys, the buyer's name copied
+    start, end = text.find("{"), text.find("}", text.find("{")) + 1
+    assert 0 <= start < end, f"no JSON object in {text!r}"
+    answer = json.loads(text[start:end])
+    assert set(answer) == {"name", "item", "qty", "price", "date"}
+    assert answer["name"] == "Maria Lopez"
 
 
 def test_merge_writes_a_plain_model_with_the_same_outputs(trained: Path, tmp_path: Path, capsys):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, get_peft_model
+from lorakit.data import IGNORE_INDEX
 from lorakit.train import attention
 from lorakit.train.loss import causal_lm_loss_sum
 from lorakit.train.step import batch_loss_sum
@@ -13,7 +14,7 @@ from tests.helpers import make_tiny_llama, randomize_lora_b
 def _example(length: int, prompt: int, seed: int) -> tuple[list[int], list[int]]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 128, (length,), generator=g).tolist()
-    return ids, [-100] * prompt + ids[prompt:]
+    return ids, [IGNORE_INDEX] * prompt + ids[prompt:]
 
 
 def _packed_batch(examples):
@@ -37,7 +38,7 @@ def test_packed_row_matches_examples_one_by_one():
         out = model(input_ids=torch.tensor([ids]))
         logits = out.logits[0, :-1]
         targets = torch.tensor(labels[1:])
-        keep = targets != -100
+        keep = targets != IGNORE_INDEX
         singles_sum += torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
         singles_count += int(keep.sum())
     assert packed_count == singles_count
@@ -57,7 +58,7 @@ def test_packed_gradients_match_examples_one_by_one(monkeypatch, bmm_max_len):
     for ids, labels in examples:
         out = model(input_ids=torch.tensor([ids]))
         targets = torch.tensor(labels[1:])
-        keep = targets != -100
+        keep = targets != IGNORE_INDEX
         torch.nn.functional.cross_entropy(out.logits[0, :-1][keep], targets[keep], reduction="sum").backward()
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -69,14 +70,14 @@ def test_chunked_head_loss_equals_full_cross_entropy():
     head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
     hidden = torch.randn(2, 9, 16, requires_grad=True)
     labels = torch.randint(0, 50, (2, 9))
-    labels[0, :3] = -100
+    labels[0, :3] = IGNORE_INDEX
     loss, count = causal_lm_loss_sum(hidden, labels, head, chunk=4)
     loss.backward()
     fast_grad = hidden.grad.clone()
     hidden.grad = None
     reference = torch.nn.functional.cross_entropy(head(hidden[:, :-1]).reshape(-1, 50), labels[:, 1:].reshape(-1), reduction="sum")
     reference.backward()
-    assert count == int((labels[:, 1:] != -100).sum())
+    assert count == int((labels[:, 1:] != IGNORE_INDEX).sum())
     torch.testing.assert_close(loss, reference)
     torch.testing.assert_close(fast_grad, hidden.grad)
 
