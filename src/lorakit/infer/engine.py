@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -136,8 +136,10 @@ class Engine:
         self.steps = 0
 
     # --- public API -------------------------------------------------------------------------------
-    def submit(self, prompt: str | Sequence[int], adapter: RowSpec = None, params: SamplingParams | None = None) -> RequestHandle:
+    def submit(self, prompt: str | Sequence[int], adapter: RowSpec = None, params: SamplingParams | None = None,
+               listener: Callable[[str | Completion | Exception], None] | None = None) -> RequestHandle:
         """Queue one request; returns at once. `adapter`: a name, None / "__base__", or {name: scale}.
+        `listener` is called from the engine thread with every event (a server uses it to wake its loop).
 
         Raises:
             LorakitError: bad sampling settings, an unknown adapter, or a prompt that cannot fit.
@@ -158,6 +160,7 @@ class Engine:
         mix = self.registry.acquire(adapter)
         with self._wake:
             handle = RequestHandle(self._next_id, len(ids))
+            handle.listener = listener
             self._next_id += 1
             self._waiting.append(_Row(handle, ids, mix, params, new_generator(params), TextStream(self.tokenizer, params.stop), time.perf_counter()))
             self._wake.notify()

