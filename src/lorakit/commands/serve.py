@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 from pathlib import Path
+from typing import Iterator
 
 from lorakit.errors import LorakitError
 
@@ -61,5 +64,25 @@ def run(args: argparse.Namespace) -> int:
     app = build_app(engine, settings)
     print(f"lorakit serve: http://{args.host}:{args.port}/v1  model {name!r}, adapters {[a for a, _ in adapters]}"
           f"{', batch-invariant' if args.deterministic else ''}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    server = _graceful_server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30))
+    server.run()
     return 0
+
+
+def _graceful_server_class():
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn re-raises SIGTERM after its graceful shutdown, so the process would end as killed (-15);
+        lorakit serve finishes the open requests, stops the engine and exits 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return GracefulServer

@@ -1,0 +1,197 @@
+"""`lorakit serve` as a real process, driven with the official `openai` client and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx2")
+
+pytestmark = pytest.mark.slow
+KEY = "test-key-123"
+BASE = "SmolLM2-135M-Instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def adapter_root(tmp_path_factory, default_model_dir) -> Path:
+    """Two small random adapters on the default model, plus one outside the root."""
+    import torch
+
+    from lorakit import LoraConfig, get_peft_model, load_model
+
+    root = tmp_path_factory.mktemp("adapters")
+    model = load_model(default_model_dir)
+    torch.manual_seed(0)
+    lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), "default")
+    for name in ("one", "two", "three"):
+        with torch.no_grad():
+            for pname, param in lora.named_parameters():
+                if "lora_B" in pname:
+                    param.normal_(0, 0.5)
+        lora.save_pretrained(root / name)
+    outside = tmp_path_factory.mktemp("elsewhere") / "three"
+    (root / "three").rename(outside)
+    (root / "link").symlink_to(outside, target_is_directory=True)  # a symlink out of the root
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(adapter_root):
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lorakit.cli", "serve", "--adapter", f"one={adapter_root / 'one'}", "--adapter-root",
+         str(adapter_root), "--port", str(port), "--api-key", KEY, "--max-batch", "8", "--max-model-len", "512"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stdout.read()}")
+    yield url, proc
+    if proc.poll() is None:
+        proc.kill()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
+
+
+def post(server, path: str, body, key: str | None = KEY):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(server[0] + path, content=data, headers={**headers, "Content-Type": "application/json"}, timeout=60)
+
+
+def test_models_lists_the_base_and_adapters(client, adapter_root) -> None:
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {BASE, "one"}
+    assert models["one"].parent == BASE and models["one"].root == str((adapter_root / "one").resolve())
+
+
+def test_chat_and_completions_answer_with_usage(client) -> None:
+    chat = client.chat.completions.create(model="one", messages=[{"role": "user", "content": "Say hi"}], max_tokens=6, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content
+    assert chat.usage.completion_tokens <= 6 and chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+    text = client.completions.create(model=BASE, prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert text.choices[0].finish_reason == "length" and text.usage.completion_tokens == 5
+
+
+def test_the_adapter_changes_the_answer_and_a_mix_is_served(client) -> None:
+    ask = dict(messages=[{"role": "user", "content": "Name three colors."}], max_tokens=12, temperature=0)
+    base = client.chat.completions.create(model=BASE, **ask).choices[0].message.content
+    one = client.chat.completions.create(model="one", **ask).choices[0].message.content
+    half = client.chat.completions.create(model=BASE, extra_body={"adapters": {"one": 1.0}}, **ask).choices[0].message.content
+    assert one != base and half == one
+
+
+def test_streaming_matches_the_whole_answer(client) -> None:
+    ask = dict(model="one", messages=[{"role": "user", "content": "Count to five."}], max_tokens=10, temperature=0)
+    whole = client.chat.completions.create(**ask)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **ask))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    streamed = list(client.completions.create(model=BASE, prompt="Once upon a time", max_tokens=6, temperature=0, stream=True))
+    assert streamed[-1].choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "does not exist"),
+    ({"model": "one", "messages": [{"role": "user", "content": "x"}], "temperature": -0.5}, 400, "temperature"),
+    ({"model": "one", "messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, 400, "top_p"),
+    ({"model": "one", "messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, "top_p"),
+    ({"model": "one", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "one", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}, 400, "context"),
+    ({"model": "one", "messages": [{"role": "user", "content": "x"}], "max_tokens": "ten"}, 400, "integer"),
+    ({"model": "one", "messages": "hello"}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+    ({"model": "one", "messages": [{"role": "user", "content": "word " * 600}]}, 400, "context"),
+    ({"model": BASE, "prompt": "x", "adapters": {"ghost": 1.0}}, 404, "ghost"),
+])
+def test_bad_requests_get_openai_errors(server, body, status, words) -> None:
+    path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+    response = post(server, path, body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert words in error["message"] and {"type", "param", "code"} <= set(error)
+
+
+def test_malformed_json_oversized_bodies_and_keys(server) -> None:
+    assert post(server, "/v1/chat/completions", b"{not json").status_code == 400
+    assert post(server, "/v1/chat/completions", b"x" * (2 << 20)).status_code == 413
+    assert post(server, "/v1/chat/completions", {"model": "one"}, key=None).status_code == 401
+    wrong = post(server, "/v1/chat/completions", {"model": "one"}, key="wrong")
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(server[0] + "/health").status_code == 200  # health needs no key
+
+
+def test_load_and_unload_stay_inside_the_adapter_root(server, client, adapter_root) -> None:
+    assert post(server, "/v1/load_lora_adapter", {"lora_name": "two", "lora_path": "two"}).status_code == 200
+    assert "two" in {m.id for m in client.models.list().data}
+    assert client.chat.completions.create(model="two", messages=[{"role": "user", "content": "hi"}], max_tokens=3).choices
+    for name, path in (("up", "../"), ("abs", "/etc"), ("link", "link"), ("bad name", "two"), ("x/y", "two")):
+        response = post(server, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        assert response.status_code in (400, 403, 404), (name, path, response.text)
+    before = {m.id for m in client.models.list().data}
+    (adapter_root / "broken").mkdir(exist_ok=True)
+    (adapter_root / "broken" / "adapter_config.json").write_text("{}")
+    (adapter_root / "broken" / "adapter_model.safetensors").write_bytes(b"\x00" * 16)
+    assert post(server, "/v1/load_lora_adapter", {"lora_name": "broken", "lora_path": "broken"}).status_code == 400
+    assert {m.id for m in client.models.list().data} == before  # a failed load leaves the served set unchanged
+    assert post(server, "/v1/unload_lora_adapter", {"lora_name": "two"}).status_code == 200
+    assert post(server, "/v1/unload_lora_adapter", {"lora_name": "two"}).status_code == 404
+
+
+def test_a_bad_request_does_not_disturb_the_others(server, client) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    ask = dict(model="one", messages=[{"role": "user", "content": "List fruits."}], max_tokens=8, temperature=0)
+    alone = client.chat.completions.create(**ask).choices[0].message.content
+    with ThreadPoolExecutor(6) as pool:
+        good = [pool.submit(client.chat.completions.create, **ask) for _ in range(4)]
+        bad = [pool.submit(post, server, "/v1/chat/completions", {**ask, "temperature": -1}) for _ in range(2)]
+        assert all(b.result().status_code == 400 for b in bad)
+        assert all(g.result().choices[0].message.content == alone for g in good)
+
+
+def test_metrics_count_requests_and_tokens(server) -> None:
+    text = httpx.get(server[0] + "/metrics").text
+    for name in ("lorakit_requests_total", "lorakit_generation_tokens_total", "lorakit_request_latency_seconds_bucket",
+                 "lorakit_requests_waiting", "lorakit_adapters_loaded"):
+        assert name in text
+    assert 'lorakit_requests_total{endpoint="chat",status="400"}' in text
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_zero(server, client) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, proc = server
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(client.chat.completions.create, model="one", max_tokens=40, temperature=0,
+                              messages=[{"role": "user", "content": "Tell me a story."}])
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        assert pending.result().choices[0].finish_reason in ("length", "stop")
+    assert proc.wait(timeout=60) == 0
