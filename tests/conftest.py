@@ -32,6 +32,14 @@ def default_model_dir():
     return resolve()
 
 
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The default model's tokenizer (loads in a second or two)."""
+    from lorakit import load_tokenizer
+
+    return load_tokenizer("default")
+
+
 @pytest.fixture(autouse=True)
 def single_thread_for_tiny_models(request) -> Iterator[None]:
     """Tiny tensors run far faster on one thread than on OpenMP threads contending for 2 cores;

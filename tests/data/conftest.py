@@ -1,4 +1,4 @@
-"""The default model's tokenizer (loads in a second or two), shared by the data tests."""
+"""Helpers shared by the data tests (the default tokenizer fixture lives in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    from lorakit import load_tokenizer
-
-    return load_tokenizer("default")
 
 
 def _write_jsonl(path: Path, records: list) -> Path:

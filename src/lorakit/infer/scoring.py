@@ -104,5 +104,5 @@ def _transformers_answers(model, tokenizer, prompts, adapters, max_new_tokens, m
         extra = {"adapter_names": specs} if isinstance(model, LoraModel) else {}
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **extra)
-        answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        answers += [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, width:].tolist()]
     return answers

@@ -14,10 +14,13 @@ import torch
 import yaml
 
 from lorakit.data import batches, load_records, pack, tokenize_samples, train_eval_split
-from lorakit.data.formats import Sample
+from lorakit.data.formats import Sample, parse_record
 from lorakit.data.packing import pad_rows
 from lorakit.data.records import Records
 from lorakit.errors import LorakitError
+from lorakit.infer.scoring import score_samples
+from lorakit.lora.routing import BASE
+from lorakit.tasks.order_json import DEFAULT_MAX_NEW_TOKENS, train_eval_records
 from lorakit.lora.model import get_peft_model
 from lorakit.models.load import load_model, load_tokenizer, resolve_model_dir
 from lorakit.quant.load import load_quantized
@@ -32,7 +35,6 @@ from lorakit.train.step import evaluate_loss
 class PreparedData:
     train: list[Sample]
     eval: list[Sample]
-    eval_records: list[dict]  # raw alpaca records for exact-match scoring (shipped task only)
     shipped_task: bool
 
 
@@ -40,11 +42,9 @@ def prepare_data(config: RunConfig) -> PreparedData:
     """Read and validate the records (no tokenizer, no model): empty or broken data fails here."""
     d = config.data
     if not d.path:
-        from lorakit.data.task import train_eval_records
-
         train_raw, eval_raw = train_eval_records(d.task_train_examples, d.task_eval_examples)
         train = _records_from_dicts(train_raw)
-        return PreparedData(train, _records_from_dicts(eval_raw), eval_raw, shipped_task=True)
+        return PreparedData(train, _records_from_dicts(eval_raw), shipped_task=True)
     records: Records = load_records(d.path, d.format, d.on_bad_record)
     if d.eval_path:
         held: list[Sample] = load_records(d.eval_path, d.format, d.on_bad_record).samples
@@ -53,12 +53,10 @@ def prepare_data(config: RunConfig) -> PreparedData:
         train, held = train_eval_split(records.samples, eval_fraction=d.eval_fraction, seed=config.train.seed)
     if not train:
         raise LorakitError(f"no training records left in {d.path} after holding out the eval split; lower eval_fraction or add data")
-    return PreparedData(train, held, [], shipped_task=False)
+    return PreparedData(train, held, shipped_task=False)
 
 
 def _records_from_dicts(raw: list[dict]) -> list[Sample]:
-    from lorakit.data.formats import parse_record
-
     return [parse_record(r, f"shipped task #{i}", "alpaca") for i, r in enumerate(raw)]
 
 
@@ -89,9 +87,6 @@ def run_training(config: RunConfig, log=print) -> dict:
     peft_model.print_trainable_parameters()
 
     summary: dict = {}
-    if data.shipped_task and config.train.compare_base:
-        with peft_model.disable_adapter():
-            summary["before"] = score(peft_model, tokenizer, data, eval_rows, config)
     output_dir = Path(config.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "lorakit_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -102,7 +97,7 @@ def run_training(config: RunConfig, log=print) -> dict:
     if result.interrupted:
         return summary
     if data.shipped_task and config.train.compare_base:
-        summary["after"] = score(peft_model, tokenizer, data, eval_rows, config)
+        summary["before"], summary["after"] = score(peft_model, tokenizer, data, eval_rows, config)
         log(before_after_table(summary["before"], summary["after"]))
     elif result.eval_loss is not None:
         summary["eval_loss"] = result.eval_loss
@@ -123,13 +118,18 @@ def load_base_model(config: RunConfig):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
 
 
-def score(model, tokenizer, data: PreparedData, eval_rows, config: RunConfig) -> dict:
-    """Exact match by greedy generation, and eval loss, on the held-out records."""
-    from lorakit.data.task_eval import evaluate_exact_match
-
-    accuracy, _ = evaluate_exact_match(model, tokenizer, data.eval_records, template=config.data.template)
-    loss = evaluate_loss(model, batches(eval_rows, config.train.per_device_eval_batch_size, shuffle=False), config.train.bf16)
-    return {"exact_match": accuracy, "eval_loss": loss}
+def score(model, tokenizer, data: PreparedData, eval_rows, config: RunConfig) -> tuple[dict, dict]:
+    """Exact match by greedy generation and eval loss on the held-out records, of the base and of the
+    trained adapter. The base is frozen, so it is scored after training too: both go through one engine
+    run, every base row batched beside an adapter row."""
+    base, adapter = score_samples(model, tokenizer, data.eval, {"base": BASE, "adapter": model.active_adapter},
+                                  config.data.template, DEFAULT_MAX_NEW_TOKENS)
+    eval_batches = lambda: batches(eval_rows, config.train.per_device_eval_batch_size, shuffle=False)  # noqa: E731
+    with model.disable_adapter():
+        base_loss = evaluate_loss(model, eval_batches(), config.train.bf16)
+    adapter_loss = evaluate_loss(model, eval_batches(), config.train.bf16)
+    return ({"exact_match": base.exact_match, "eval_loss": base_loss},
+            {"exact_match": adapter.exact_match, "eval_loss": adapter_loss})
 
 
 def before_after_table(before: dict, after: dict) -> str:

@@ -3,7 +3,7 @@
 import json
 
 from lorakit.data import load_records, tokenize_samples
-from lorakit.data.task import DEFAULT_MAX_NEW_TOKENS, EVAL_FILE, INSTRUCTION, TRAIN_FILE, exact_match, exact_match_rate, make_records, train_eval_records, write_dataset
+from lorakit.tasks.order_json import DEFAULT_MAX_NEW_TOKENS, EVAL_FILE, INSTRUCTION, TRAIN_FILE, make_records, train_eval_records, write_dataset
 
 
 def test_generator_is_deterministic():
@@ -53,9 +53,3 @@ def test_examples_are_short_and_answers_fit_max_new_tokens(tokenizer):
     samples = [Sample(str(i), instruction=r["instruction"], input=r["input"], output=r["output"]) for i, r in enumerate(train)]
     examples, stats = tokenize_samples(samples, tokenizer, max_seq_len=256)
     assert stats.truncated == 0 and max(map(len, examples)) <= 160
-
-
-def test_exact_match():
-    assert exact_match(' {"a":1}\n', '{"a":1}')
-    assert not exact_match('{"a": 1}', '{"a":1}')
-    assert exact_match_rate(["x", "y "], ["x", "z"]) == 0.5

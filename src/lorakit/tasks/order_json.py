@@ -107,14 +107,3 @@ def write_dataset(directory: str | os.PathLike, n_train: int = DEFAULT_N_TRAIN, 
     for path, records in zip(paths, (train, held)):
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return paths
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    """True when the two are equal once leading and trailing whitespace is stripped."""
-    return prediction.strip() == reference.strip()
-
-
-def exact_match_rate(predictions: list[str], references: list[str]) -> float:
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    return sum(map(exact_match, predictions, references)) / len(references) if references else 0.0
