@@ -34,7 +34,7 @@ def test_shortened_default_run_beats_the_base_model(trained: Path):
 
 
 def test_generate_with_the_adapter(trained: Path, capsys):
-    from lorakit.data.task import INSTRUCTION
+    from lorakit.tasks.order_json import INSTRUCTION
 
     message = f"{INSTRUCTION}\n\nOn 5 March 2024, Maria Lopez bought three lamps at $45.50 apiece."
     assert main(["generate", "--adapter", str(trained / "adapter"), "--chat", message, "--max-new-tokens", "48"]) == 0
