@@ -84,7 +84,7 @@ class SlotDecoder:
     @torch.inference_mode()
     def prefill(self, cache: SlotCache, first_slot: int, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Run right-padded prompts (B, T) from position 0 into slots first_slot.. first_slot+B-1;
-        returns the logits after each prompt's last real token, (B, V) in fp32.
+        returns the logits after each prompt's last real token, (B, V) in the model's dtype.
 
         Padding sits after each prompt, so causal attention never lets a real token see it; its cache
         entries are overwritten by the first decoded tokens."""
@@ -103,11 +103,12 @@ class SlotDecoder:
             hidden = residual + layer.self_attn.o_proj(out.transpose(1, 2).reshape(rows, steps, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         last = hidden[torch.arange(rows), lengths - 1]  # (B, C)
-        return self.head(self.inner.norm(last)).float()
+        return self.head(self.inner.norm(last))
 
     @torch.inference_mode()
     def decode(self, cache: SlotCache, tokens: torch.Tensor, positions: torch.Tensor, rowwise: bool = False) -> torch.Tensor:
-        """One new token for each of the rows in slots 0..B-1, at `positions` (B,); returns (B, V) fp32 logits.
+        """One new token for each of the rows in slots 0..B-1, at `positions` (B,); returns (B, V) logits
+        in the model's dtype (greedy argmax needs no fp32 copy: the values are the same).
 
         `rowwise` attends row by row over exactly each row's own tokens, so a row's result does not
         depend on the other rows' lengths (the batch-invariant mode)."""
@@ -133,7 +134,7 @@ class SlotDecoder:
                 out = self._attend(q, keys[:rows, :, :span], values[:rows, :, :span], masked)
             hidden = residual + layer.self_attn.o_proj(out.reshape(rows, 1, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.head(self.inner.norm(hidden[:, 0])).float()
+        return self.head(self.inner.norm(hidden[:, 0]))
 
     def _qkv(self, attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         rows, steps, _ = hidden.shape
@@ -149,11 +150,14 @@ class SlotDecoder:
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, masked: torch.Tensor | None) -> torch.Tensor:
         """One query per row against its cached keys: (B, H, 1, D) -> (B, H, D). The G query heads that
         share a key/value head are stacked as G query rows, so K and V are read once, never repeated."""
-        rows = q.shape[0]
+        rows, span = q.shape[0], keys.shape[2]
         groups = self.heads // self.kv_heads
-        q = q.reshape(rows, self.kv_heads, groups, self.head_dim)  # (B, KVH, G, D)
-        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.scale  # (B, KVH, G, span)
+        q = q.reshape(rows * self.kv_heads, groups, self.head_dim)  # (B*KVH, G, D)
+        # Views of the cache, never copies: bmm takes the slot stride as its batch stride.
+        keys = keys.reshape(rows * self.kv_heads, span, self.head_dim)
+        values = values.reshape(rows * self.kv_heads, span, self.head_dim)
+        scores = torch.bmm(q, keys.transpose(1, 2)).float() * self.scale  # (B*KVH, G, span)
         if masked is not None:
-            scores.masked_fill_(masked, float("-inf"))
+            scores = scores.view(rows, self.kv_heads, groups, span).masked_fill_(masked, float("-inf")).view_as(scores)
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
-        return torch.matmul(probs, values).reshape(rows, self.heads, self.head_dim)  # (B, H, D)
+        return torch.bmm(probs, values).reshape(rows, self.heads, self.head_dim)  # (B, H, D)

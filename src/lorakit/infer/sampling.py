@@ -55,11 +55,11 @@ def new_generator(params: SamplingParams) -> torch.Generator | None:
 
 
 def next_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """One token per row of (B, V) fp32 logits: argmax for greedy rows, the row's own draw otherwise."""
+    """One token per row of (B, V) logits: argmax for greedy rows, the row's own draw (in fp32) otherwise."""
     chosen = logits.argmax(dim=-1).tolist()
     for row, (p, generator) in enumerate(zip(params, generators)):
         if not p.greedy:
-            chosen[row] = sample(logits[row], p, generator)
+            chosen[row] = sample(logits[row].float(), p, generator)
     return chosen
 
 
