@@ -15,8 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
 from lorakit.errors import LorakitError
 
 
@@ -50,6 +48,18 @@ class SlotCache:
         for table in (self.keys, self.values):
             for layer in table:
                 layer[target, :, :tokens] = layer[source, :, :tokens]
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's rotary embedding (rotate-half form) on (B, heads, T, D), with cos / sin (B, T, D) from the
+    model's own rotary module. Written out here so the engine does not import transformers' modelling code."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def decoder_parts(model: nn.Module) -> nn.Module:
@@ -144,7 +154,7 @@ class SlotDecoder:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = attn.v_proj(hidden).view(rows, steps, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = apply_rotary(q, k, cos, sin)
         return q, k, v
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, masked: torch.Tensor | None) -> torch.Tensor:
