@@ -153,13 +153,14 @@ def child_train(args: argparse.Namespace) -> dict:
 
 def training_step(model):
     """(batch -> loss after backward, name): lorakit's training step."""
-    from lorakit.train.step import batch_loss_sum, training_paths, transformers_model
+    from lorakit.lora.model import unwrap_model
+    from lorakit.train.step import batch_loss_sum, training_paths
 
     def step(batch):
         # backward stays inside the packed-attention and lean-kernel contexts, as in lorakit's loop:
         # with checkpointing on, the decoder layers run again there and must take the same attention
         # and kernel paths as in the forward
-        with training_paths(transformers_model(model)):
+        with training_paths(unwrap_model(model)):
             loss_sum, count = batch_loss_sum(model, batch, bf16=True)
             (loss_sum / count).backward()
         return float(loss_sum) / count

@@ -9,6 +9,7 @@ import torch
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit.data import IGNORE_INDEX
+from lorakit.lora.model import unwrap_model
 from lorakit.train import fused, step
 from lorakit.train.attention import PACKED_ATTENTION
 from tests.helpers import make_tiny_llama, randomize_lora_b
@@ -78,7 +79,7 @@ def test_training_paths_do_not_reach_another_thread_using_the_model(monkeypatch)
     a left-padded batch: B's logits are those of the model without training paths, and B never runs
     the lean kernels."""
     model = _model().eval()
-    hf_model = step.transformers_model(model)
+    hf_model = unwrap_model(model)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
     mask[1, :5] = 0  # left padding: packed attention would ignore it

@@ -93,6 +93,7 @@ class LoraModel(nn.Module):
             raise LorakitError(f"adapter {adapter_name!r} already exists; pick another adapter_name or delete_adapter() it first")
         if config.base_model_name_or_path is None:
             config = LoraConfig(**{**config.__dict__, "base_model_name_or_path": getattr(self.model, "name_or_path", None) or None})
+        config = with_classifier_head(config)
         self.peft_config[adapter_name] = inject_adapter(self.model, config, adapter_name, adapter_dtype)
         self._adapters_changed()
         self._activate(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
@@ -230,6 +231,25 @@ class LoraModel(nn.Module):
 
     def unload(self) -> nn.Module:
         return merge_ops.unload(self.model)
+
+
+SEQ_CLS_HEAD_NAMES = ("classifier", "score")
+"""Classification heads by their transformers names; peft trains and saves them in full for SEQ_CLS."""
+
+
+def with_classifier_head(config: LoraConfig) -> LoraConfig:
+    """peft's SEQ_CLS rule: the new classification head (`classifier` / `score`) joins modules_to_save,
+    so it is trained in full and saved with the adapter."""
+    if config.task_type != "SEQ_CLS":
+        return config
+    saved = list(config.modules_to_save or [])
+    return LoraConfig(**{**config.__dict__, "modules_to_save": saved + [n for n in SEQ_CLS_HEAD_NAMES if n not in saved]})
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside an adapter wrapper (lorakit's or peft's), or the model itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", autocast_adapter_dtype: bool = True) -> LoraModel:

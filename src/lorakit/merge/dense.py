@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lorakit.lora.merge import merge_and_unload
+from lorakit.lora.model import unwrap_model
 from lorakit.quant.requantize import dequantize_model
 
 
@@ -16,6 +17,6 @@ def merge_to_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16, safe_m
                    adapter_names: list[str] | None = None) -> nn.Module:
     """A LoraModel (on a quantized or plain base) as a dense transformers model in `dtype`: adapters
     folded in fp32 into the dequantized weights, every other quantized layer dequantized too."""
-    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    inner = unwrap_model(model)
     merged = merge_and_unload(inner, safe_merge=safe_merge, adapter_names=adapter_names, dtype=dtype)
     return dequantize_model(merged, dtype)

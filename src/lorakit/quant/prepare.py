@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.lora.model import unwrap_model
 from lorakit.quant.guard import keep_4bit_trainable
 
 ADAPTER_PARTS = (".lora_A.", ".lora_B.", ".modules_to_save.", ".lora_embedding_A.", ".lora_embedding_B.")
@@ -49,7 +50,7 @@ def prepare_model_for_kbit_training(
     upcast_norms(model)
     keep_4bit_trainable(model)
     if use_gradient_checkpointing:
-        enable_checkpointing(_transformers_model(model), gradient_checkpointing_kwargs, checkpoint_every_n_layers)
+        enable_checkpointing(unwrap_model(model), gradient_checkpointing_kwargs, checkpoint_every_n_layers)
     return model
 
 
@@ -100,7 +101,3 @@ def enable_checkpointing(model: nn.Module, kwargs: dict[str, Any] | None = None,
     if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # a KV cache is useless in training and conflicts with checkpointing
 
-
-def _transformers_model(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -28,10 +28,12 @@ from lorakit.quant.guard import ensure_4bit_trainable
 from lorakit.quant.prepare import enable_checkpointing
 from lorakit.train.checkpoint import Progress, checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from lorakit.train.config import TrainSection
+from lorakit.train.distributed import SINGLE_PROCESS, Replicas, plan_layout, resume_layout
 from lorakit.train.metrics import MetricsLog, plot_losses
 from lorakit.train.optim import build_optimizer
 from lorakit.train.schedule import lr_at, warmup_steps_for
-from lorakit.train.step import CAUSAL_LM, Objective, evaluate_loss, train_step, training_paths, transformers_model, useful_tokens
+from lorakit.lora.model import unwrap_model
+from lorakit.train.step import CAUSAL_LM, Objective, checkpoint_kwargs, evaluate_loss, train_step, training_paths, useful_tokens
 
 
 @dataclass
@@ -56,6 +58,12 @@ class TrainState:
     eval_loss: float | None = None
     tokens: int = 0  # trained in this run, for tokens/s
     seconds: float = 0.0
+
+
+class Batcher(Protocol):
+    """An epoch's batches of `rows` from batch index `start`, the same for the same (seed, epoch)."""
+
+    def __call__(self, rows: Sequence, batch_size: int, seed: int = 0, epoch: int = 0, start: int = 0, shuffle: bool = True) -> Iterator[dict]: ...
 
 
 class MicroBatch(NamedTuple):
@@ -89,11 +97,11 @@ def total_steps(n_rows: int, cfg: TrainSection) -> int:
     return max(1, math.ceil(per_epoch * cfg.num_train_epochs / cfg.gradient_accumulation_steps))
 
 
-def micro_batches(rows: Sequence[PackedRow], cfg: TrainSection, progress: Progress) -> Iterator[MicroBatch]:
+def micro_batches(rows: Sequence, cfg: TrainSection, progress: Progress, batcher: Batcher = batches) -> Iterator[MicroBatch]:
     """Endless micro-batches from the saved position on."""
     epoch, start = progress.epoch, progress.batch_in_epoch
     while True:
-        epoch_batches = batches(rows, cfg.per_device_train_batch_size, seed=cfg.seed, epoch=epoch, start=start)
+        epoch_batches = batcher(rows, cfg.per_device_train_batch_size, seed=cfg.seed, epoch=epoch, start=start)
         for index, batch in enumerate(epoch_batches, start=start + 1):
             yield MicroBatch(batch, epoch, index)
         epoch, start = epoch + 1, 0
@@ -106,17 +114,21 @@ def optimizer_step(
     cfg: TrainSection,
     objective: Objective = CAUSAL_LM,
     global_label_count: Callable[[int], int] = int,
+    replicas: Replicas = SINGLE_PROCESS,
 ) -> float:
     """Accumulate gradients over the group's micro-batches, each normalised by the label count of the
     whole step (so accumulation gives the same update as one big batch), clip, step. Returns the step's
     mean loss. `global_label_count` turns this process's count into the step's normaliser (data-parallel
-    training passes an all-reduce over the processes)."""
+    training passes an all-reduce over the processes); `replicas` then sums the gradients over them, once,
+    after the last micro-batch (no communication on the inner ones)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     normaliser = max(global_label_count(sum(objective.label_count(m.batch) for m in group)), 1)
     total = 0.0
     for m in group:
         total += float(train_step(model, m.batch, normaliser, objective, cfg.bf16).loss_sum)
+    total = replicas.reduce_gradients(params, total)  # the step's sync point under data parallelism
     if cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / normaliser
@@ -130,35 +142,53 @@ def train(
     log: Callable[[str], None] = print,
     *,
     objective: Objective = CAUSAL_LM,
-    global_label_count: Callable[[int], int] = int,
+    global_label_count: Callable[[int], int] | None = None,
     on_step: Callable[[TrainState], None] | None = None,
+    batcher: Batcher = batches,
+    replicas: Replicas = SINGLE_PROCESS,
 ) -> TrainResult:
     """Train the active adapter of `model` (a LoraModel) on packed rows; the adapter ends up in
     `cfg.output_dir/adapter`. `on_step(state)` runs after every optimizer step (a KeyboardInterrupt raised
-    there stops the run as Ctrl-C does: a checkpoint of that step, no final adapter)."""
+    there stops the run as Ctrl-C does: a checkpoint of that step, no final adapter). `batcher` turns the
+    rows into an epoch's batches (default: packed rows; classification passes length-grouped padded batches).
+
+    Under data parallelism (`replicas`, see train/distributed.py) every rank calls this with the same rows:
+    the stream is of global micro-batches (world_size x per_device_train_batch_size rows), each rank trains
+    on its shard, the normaliser defaults to the all-reduced label count, and only rank 0 logs and writes."""
     output_dir = Path(cfg.output_dir)
+    main = replicas.is_main
+    log = log if main else _quiet
+    count_labels = global_label_count or replicas.global_label_count
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optim, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    steps = total_steps(len(train_rows), cfg)
-    state = TrainState(Progress(), steps, warmup_steps_for(steps, cfg.warmup_steps, cfg.warmup_ratio), _resume_path(cfg))
-    if state.resumed_from is not None:
-        state.progress, _ = load_checkpoint(state.resumed_from, model, optimizer)
-        log(f"resumed from {state.resumed_from} at step {state.progress.step}")
+    layout = plan_layout(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.global_batch_size, replicas.world_size)
+    progress, resumed_from = Progress(), _resume_path(cfg)
+    if resumed_from is not None:
+        progress, saved = load_checkpoint(resumed_from, model, optimizer)
+        layout, progress.batch_in_epoch = resume_layout(saved, layout, progress.batch_in_epoch, log)
+        log(f"resumed from {resumed_from} at step {progress.step}")
     else:
         torch.manual_seed(cfg.seed)
-    metrics = MetricsLog(output_dir, resume_step=state.progress.step if state.resumed_from else None)
-    hf_model = transformers_model(model)
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(hf_model)
+    replicas.broadcast_parameters(params)
+    cfg = replace(cfg, gradient_accumulation_steps=layout.accumulation)
+    data_cfg = replace(cfg, per_device_train_batch_size=layout.micro_batch_rows)  # global micro-batches
+    steps = total_steps(len(train_rows), data_cfg)
+    state = TrainState(progress, steps, warmup_steps_for(steps, cfg.warmup_steps, cfg.warmup_ratio), resumed_from)
+    metrics = MetricsLog(output_dir, resume_step=progress.step if resumed_from else None) if main else _NoMetrics()
+    hf_model = unwrap_model(model)
+    if cfg.gradient_checkpointing or getattr(hf_model, "is_gradient_checkpointing", False):
+        enable_checkpointing(hf_model, checkpoint_kwargs(hf_model, objective.packed_rows))
     model.train()
 
     def save() -> Path:
-        path = save_checkpoint(checkpoint_dir(output_dir, state.progress.step), model, optimizer, state.progress, {"total_steps": steps})
-        prune_checkpoints(output_dir, cfg.save_total_limit, protect=state.resumed_from)
+        path = checkpoint_dir(output_dir, state.progress.step)
+        if main:  # the adapter and optimizer state are the same on every rank
+            save_checkpoint(path, model, optimizer, state.progress, {"total_steps": steps, **layout.record()})
+            prune_checkpoints(output_dir, cfg.save_total_limit, protect=state.resumed_from)
         return path
 
-    stream = micro_batches(train_rows, cfg, state.progress)
-    bar = tqdm(total=steps, initial=state.progress.step, desc="train", unit="step", dynamic_ncols=True)
+    stream = micro_batches(train_rows, data_cfg, state.progress, batcher)
+    bar = tqdm(total=steps, initial=state.progress.step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
     window, interrupted = _Window(), False
     step_rng: torch.Tensor | None = None  # RNG state at the start of a step in progress (dropout draws from it)
     # Held for the whole run, not just each forward: checkpointed layers recompute during backward
@@ -171,7 +201,8 @@ def train(
                 for param_group in optimizer.param_groups:
                     param_group["lr"] = lr
                 group = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
-                loss = optimizer_step(model, optimizer, group, cfg, objective, global_label_count)
+                shards = [m._replace(batch=replicas.shard(m.batch)) for m in group]
+                loss = optimizer_step(model, optimizer, shards, cfg, objective, count_labels, replicas)
                 tokens, elapsed = sum(useful_tokens(m.batch) for m in group), time.perf_counter() - started
 
                 # the step is done: the data position moves past its micro-batches
@@ -188,7 +219,7 @@ def train(
                 if progress.step % max(cfg.logging_steps, 1) == 0 or progress.step == steps:
                     metrics.write({"step": progress.step, "lr": lr, "tokens_seen": progress.tokens_seen, **window.flush()})
                 if eval_rows and cfg.eval_steps and progress.step % cfg.eval_steps == 0 and progress.step < steps:
-                    state.eval_loss = _evaluate(model, eval_rows, cfg, metrics, progress.step, objective)
+                    state.eval_loss = _evaluate(model, eval_rows, cfg, metrics, progress.step, objective, batcher, replicas)
                 if cfg.save_steps and progress.step % cfg.save_steps == 0 and progress.step < steps:
                     save()
                 if on_step is not None:
@@ -202,21 +233,37 @@ def train(
     bar.close()
     if not interrupted:
         if eval_rows:
-            state.eval_loss = _evaluate(model, eval_rows, cfg, metrics, state.progress.step, objective)
-        model.save_pretrained(output_dir / "adapter")
-        plot_losses(output_dir)
+            state.eval_loss = _evaluate(model, eval_rows, cfg, metrics, state.progress.step, objective, batcher, replicas)
+        if main:
+            model.save_pretrained(output_dir / "adapter")
+            plot_losses(output_dir)
     losses = state.losses
     return TrainResult(state.progress.step, losses[-1] if losses else None, state.eval_loss,
                        state.tokens / state.seconds if state.seconds else 0.0, interrupted, losses)
 
 
-def _evaluate(model, eval_rows, cfg: TrainSection, metrics: MetricsLog, step: int, objective: Objective) -> float:
-    loss = evaluate_loss(model, batches(eval_rows, cfg.per_device_eval_batch_size, shuffle=False), cfg.bf16, objective)
+def _evaluate(model, eval_rows, cfg: TrainSection, metrics: MetricsLog, step: int, objective: Objective, batcher: Batcher = batches,
+              replicas: Replicas = SINGLE_PROCESS) -> float:
+    # every rank evaluates its shard of each global eval batch (FSDP needs every rank in every forward)
+    local = [replicas.shard(b) for b in batcher(eval_rows, cfg.per_device_eval_batch_size * replicas.world_size, shuffle=False)]
+    loss = evaluate_loss(model, local, cfg.bf16, objective)
+    loss = replicas.weighted_mean(loss, sum(objective.label_count(b) for b in local))
     # bitsandbytes may repack a 4-bit weight in an eval pass, after which backward drops input
     # gradients; undo that before training goes on (a no-op for unquantized bases).
-    ensure_4bit_trainable(transformers_model(model))
+    ensure_4bit_trainable(unwrap_model(model))
     metrics.write({"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))})
     return loss
+
+
+class _NoMetrics:
+    """Ranks other than 0 write no metrics."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+
+def _quiet(*_: object) -> None:
+    pass
 
 
 def _resume_path(cfg: TrainSection) -> Path | None:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lorakit.data.tokenize import IGNORE_INDEX
+from lorakit.lora.model import unwrap_model
 from lorakit.train.attention import SEQ_LENS_KWARG, packed_attention_enabled
 from lorakit.train.fused import lean_blocks
 from lorakit.train.loss import causal_lm_loss_sum
@@ -48,7 +49,7 @@ class CausalLM:
     packed_rows: bool = True
 
     def loss_sum(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-        hf_model = transformers_model(model)
+        hf_model = unwrap_model(model)
         decoder = getattr(hf_model, hf_model.base_model_prefix)
         hidden = decoder(
             input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
@@ -68,11 +69,6 @@ class StepLoss(NamedTuple):
     count: int
 
 
-def transformers_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a LoraModel (or the model itself)."""
-    return getattr(model, "model", model) if hasattr(model, "peft_config") else model
-
-
 def model_device(model: nn.Module) -> torch.device:
     """Where the model's parameters live: batches go there, autocast runs for its device type."""
     return next(model.parameters()).device
@@ -84,6 +80,13 @@ def training_paths(hf_model: nn.Module, packed: bool = True) -> Iterator[None]:
     Hold it across backward too when layers are checkpointed: their recompute must take the same paths."""
     with (packed_attention_enabled(hf_model) if packed else nullcontext()), lean_blocks(hf_model):
         yield
+
+
+def checkpoint_kwargs(hf_model: nn.Module, packed: bool = True) -> dict:
+    """torch.utils.checkpoint arguments under which a checkpointed layer's recompute takes the training
+    paths too: on CUDA, autograd runs backward (and so the recompute) on its own device threads, outside
+    the thread-local `training_paths` of the training thread; `context_fn` re-enters them there."""
+    return {"use_reentrant": False, "context_fn": lambda: (nullcontext(), training_paths(hf_model, packed))}
 
 
 def autocast(device: torch.device, bf16: bool) -> AbstractContextManager:
@@ -99,7 +102,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def forward_loss(model: nn.Module, batch: dict, objective: Objective = CAUSAL_LM, bf16: bool = True) -> tuple[torch.Tensor, int]:
     """`objective.loss_sum` on the model's device, under bf16 autocast and the training paths."""
     device = model_device(model)
-    with autocast(device, bf16), training_paths(transformers_model(model), packed=objective.packed_rows):
+    with autocast(device, bf16), training_paths(unwrap_model(model), packed=objective.packed_rows):
         return objective.loss_sum(model, to_device(batch, device))
 
 
