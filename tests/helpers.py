@@ -68,3 +68,16 @@ def tiny_lora_model(seed: int = 0, dtype=torch.float32):
             if "lora_B" in name:
                 param.mul_(3)  # adapters that change greedy tokens, not just logits
     return lora.eval()
+
+
+def write_peft_adapter(directory, seed: int, **config) -> None:
+    """A peft-made adapter on the tiny Llama, with random non-zero A and B, saved to `directory`."""
+    import peft
+
+    model = peft.get_peft_model(make_tiny_llama(), peft.LoraConfig(**config))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    model.save_pretrained(str(directory))

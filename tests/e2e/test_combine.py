@@ -11,19 +11,9 @@ import pytest
 import torch
 
 from lorakit.cli import main
-from tests.helpers import make_tiny_llama
+from tests.helpers import make_tiny_llama, write_peft_adapter
 
 peft = pytest.importorskip("peft")
-
-
-def write_peft_adapter(directory, seed: int, **config) -> None:
-    model = peft.get_peft_model(make_tiny_llama(), peft.LoraConfig(**config))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    model.save_pretrained(str(directory))
 
 
 @pytest.fixture(scope="module")

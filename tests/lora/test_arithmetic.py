@@ -17,7 +17,7 @@ from lorakit.errors import LorakitError
 from lorakit.lora import arithmetic
 from lorakit.lora.arithmetic import AdapterFactors, combine, factors_of, merge_tensors
 from lorakit.lora.layer import LoraLinear
-from tests.helpers import make_tiny_llama
+from tests.helpers import make_tiny_llama, write_peft_adapter
 
 peft = pytest.importorskip("peft")
 
@@ -26,16 +26,6 @@ SPECS = {
     "b": dict(r=4, lora_alpha=16, target_modules=["v_proj", "o_proj", "down_proj"]),
     "c": dict(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
 }
-
-
-def write_peft_adapter(directory, seed: int, **config) -> None:
-    model = peft.get_peft_model(make_tiny_llama(), peft.LoraConfig(**config))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    model.save_pretrained(str(directory))
 
 
 @pytest.fixture(scope="module")
