@@ -176,6 +176,21 @@ def test_a_bad_request_does_not_disturb_the_others(server, client) -> None:
         assert all(g.result().choices[0].message.content == alone for g in good)
 
 
+def test_a_client_that_disconnects_frees_its_slot(server) -> None:
+    body = {"model": "one", "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 400,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", server[0] + "/v1/chat/completions", json=body, headers=headers, timeout=60) as response:
+        next(response.iter_lines())  # the first chunk arrived: the request is running
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        running = [line for line in httpx.get(server[0] + "/metrics").text.splitlines() if line.startswith("lorakit_requests_running")]
+        if running and float(running[0].split()[-1]) == 0:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"the disconnected request still holds its slot: {running}")
+
+
 def test_metrics_count_requests_and_tokens(server) -> None:
     text = httpx.get(server[0] + "/metrics").text
     for name in ("lorakit_requests_total", "lorakit_generation_tokens_total", "lorakit_request_latency_seconds_bucket",
