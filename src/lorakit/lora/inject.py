@@ -30,9 +30,10 @@ def inject_adapter(
     if config.target_modules == ALL_LINEAR:
         config = replace(config, target_modules=resolve_all_linear(model))
     # Every check runs before the first module is replaced, so a bad config never half-wraps the model.
-    paths = find_targets(model, config)
-    _check_adaptable(model, paths)
     save_paths = _modules_to_save_paths(model, config)
+    # peft never puts LoRA inside a module trained in full (a classifier head with its own linears)
+    paths = [p for p in find_targets(model, config) if not any(p == s or p.startswith(s + ".") for s in save_paths)]
+    _check_adaptable(model, paths)
     for path in paths:
         module = model.get_submodule(path)
         if not isinstance(module, LoraLinear):

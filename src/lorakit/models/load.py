@@ -10,6 +10,7 @@ import torch
 from lorakit.dtypes import parse_dtype
 from lorakit.errors import LorakitError
 from lorakit.models.default import DEFAULT_NAME, default_model_dir
+from lorakit.models.classifier import check_can_generate
 from lorakit.quant.config import QuantConfig
 from lorakit.quant.load import load_quantized
 
@@ -37,13 +38,15 @@ def load_model(name_or_dir: str | os.PathLike = DEFAULT_NAME, dtype: str | torch
     layers it leaves unquantized are then held in the config's compute dtype (`dtype` is ignored).
 
     Raises:
-        LorakitError: no such model directory, or an unknown dtype name.
+        LorakitError: no such model directory, a model that cannot generate (an encoder, a saved
+            classifier), or an unknown dtype name.
     """
     from transformers import AutoModelForCausalLM  # here: transformers' model classes cost seconds to import
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     path = resolve_model_dir(name_or_dir)
+    check_can_generate(path)
     quant = QuantConfig.coerce(quantization) if quantization is not None else None
     if quant is not None and quant.enabled:
         return load_quantized(path, quant, attn_implementation=attn_implementation, **kwargs)

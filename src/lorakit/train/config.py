@@ -27,14 +27,28 @@ from lorakit.errors import ConfigError
 from lorakit.quant.config import QuantConfig
 from lorakit.train.optim import optimizer_problems
 
-TASK_TYPES = (TaskType.CAUSAL_LM.value,)
-"""Task types `lorakit train` can train today (sequence classification comes next)."""
+TASK_TYPES = (TaskType.CAUSAL_LM.value, TaskType.SEQ_CLS.value)
+"""Task types `lorakit train` can train: causal LM (generation) and sequence classification."""
+
+SEQ_CLS_TARGETS = ["query", "value", "q_proj", "v_proj"]
+"""peft's default LoRA targets for classifiers (BERT family: query, value; Llama family: q_proj, v_proj);
+the run keeps the names its model has."""
+SEQ_CLS_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("lora", "r"): 8, ("lora", "lora_alpha"): 16, ("lora", "target_modules"): SEQ_CLS_TARGETS,
+    ("data", "max_seq_len"): 128, ("data", "task_train_examples"): 800, ("data", "task_eval_examples"): 200,
+    ("data", "eval_fraction"): 0.1,
+    ("train", "learning_rate"): 1e-3, ("train", "per_device_train_batch_size"): 16, ("train", "per_device_eval_batch_size"): 64,
+    ("train", "num_train_epochs"): 3.0, ("train", "warmup_ratio"): 0.1,
+}
+"""Defaults that differ for task_type SEQ_CLS (peft's recipe for a small encoder: r=8 on query/value, the head
+trained in full at lr 1e-3, batches of 16); a value the user sets wins."""
 
 
 @dataclass
 class ModelSection:
     name: str = setting("default", "'default' (SmolLM2-135M-Instruct) or a local transformers model directory")
     dtype: str = setting("bfloat16", "dtype of the frozen base weights: bfloat16 (fast on AMX CPUs) or float32")
+    num_labels: int = setting(0, "SEQ_CLS only: number of classes (0: from the data; must agree with it when set)")
 
 
 def training_lora() -> LoraConfig:
@@ -44,7 +58,7 @@ def training_lora() -> LoraConfig:
 
 @dataclass
 class DataSection:
-    path: str = setting("", "training data: .jsonl, .json, .csv, .parquet or a datasets.save_to_disk directory (empty: the shipped order->JSON task)")
+    path: str = setting("", "training data: .jsonl, .json, .csv, .parquet or a datasets.save_to_disk directory (empty: the shipped task: order->JSON, or sentiment reviews for SEQ_CLS)")
     eval_path: str = setting("", "held-out data file; empty: split eval_fraction off the training data")
     format: str = setting("auto", "auto | alpaca | dolly | chat | sharegpt | text")
     template: str = setting("auto", "prompt template: auto (the tokenizer's chat template if it has one) | alpaca | chatml")
@@ -168,6 +182,9 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: dict[str, 
             _assign(values, key, value, problems)
     for key, value in (overrides or {}).items():
         _assign(values, key.replace("-", "_"), value, problems)
+    if values.get("lora", {}).get("task_type") == TaskType.SEQ_CLS.value:
+        for (section, name), value in SEQ_CLS_DEFAULTS.items():
+            values.setdefault(section, {}).setdefault(name, value)
     defaults = RunConfig()
     sections = {}
     for section, cls in SECTIONS.items():
@@ -215,6 +232,8 @@ def validate(config: RunConfig) -> list[str]:
     if config.lora.task_type not in TASK_TYPES:
         found.append(f"task_type {config.lora.task_type!r} is not supported by lorakit train yet; use {' or '.join(TASK_TYPES)}")
     d, t = config.data, config.train
+    if config.model.num_labels < 0 or config.model.num_labels == 1:
+        found.append(f"num_labels must be 0 (from the data) or >= 2 (got {config.model.num_labels})")
     if d.path and not Path(d.path).exists():
         found.append(f"data path {d.path!r} does not exist")
     if d.eval_path and not Path(d.eval_path).exists():

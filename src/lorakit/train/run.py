@@ -17,6 +17,7 @@ from lorakit.data import batches, load_records, pack, tokenize_samples, train_ev
 from lorakit.data.formats import Sample, parse_record
 from lorakit.data.packing import pad_rows
 from lorakit.data.records import Records
+from lorakit.config import TaskType
 from lorakit.errors import LorakitError
 from lorakit.infer.scoring import score_samples
 from lorakit.lora.routing import BASE
@@ -68,6 +69,10 @@ def check_output_dir(config: RunConfig) -> None:
 
 def run_training(config: RunConfig, log=print) -> dict:
     """Train an adapter as `config` says; returns a summary (also printed)."""
+    if config.lora.task_type == TaskType.SEQ_CLS.value:
+        from lorakit.train.classify_run import run_classification  # its own job: records with labels, a classifier
+
+        return run_classification(config, log)
     check_output_dir(config)
     data = prepare_data(config)
     tokenizer = load_tokenizer(config.model.name)

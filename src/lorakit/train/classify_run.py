@@ -1,0 +1,151 @@
+"""`lorakit train --task_type SEQ_CLS`: records -> labels -> tokenizer -> classifier -> LoRA -> train -> scores.
+
+The same order as the causal run (train/run.py): the data and its labels are checked before any model
+loads and before anything is written. The training loop is the shared one, with the classification
+objective and length-grouped padded batches (no packing across examples)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import yaml
+
+from lorakit.data.class_batches import ClassExample, LengthGroupedBatches, tokenize_class
+from lorakit.data.classify import ClassRecord, LabelSet, load_class_records, parse_class_record
+from lorakit.data.split import train_eval_split
+from lorakit.errors import LorakitError
+from lorakit.infer.classify import score_classifier, write_labels
+from lorakit.lora.layer import ModulesToSave
+from lorakit.lora.model import get_peft_model
+from lorakit.lora.routing import BASE
+from lorakit.lora.targets import name_matches
+from lorakit.models.classifier import load_classifier, load_classifier_tokenizer, read_model_config, resolve_classifier_dir
+from lorakit.tasks import sentiment
+from lorakit.train.classification import SEQ_CLS
+from lorakit.train.config import SEQ_CLS_TARGETS, RunConfig
+from lorakit.train.loop import train
+from lorakit.train.step import evaluate_loss
+
+
+@dataclass
+class ClassData:
+    train: list[ClassRecord]
+    eval: list[ClassRecord]
+    labels: LabelSet
+    train_ids: list[int]
+    eval_ids: list[int]
+    shipped_task: bool
+
+
+def prepare_class_data(config: RunConfig) -> ClassData:
+    """Records and their labels, validated (no tokenizer, no model): bad data fails here.
+
+    Raises:
+        LorakitError: bad records under on_bad_record=error, labels the training data lacks, fewer than
+            two classes, or a num_labels that disagrees with the data.
+    """
+    d = config.data
+    shipped = not d.path
+    if shipped:
+        train_raw, eval_raw = sentiment.train_eval_records(d.task_train_examples, d.task_eval_examples)
+        train = [parse_class_record(r, f"shipped task #{i}") for i, r in enumerate(train_raw)]
+        held = [parse_class_record(r, f"shipped task eval #{i}") for i, r in enumerate(eval_raw)]
+        known = train
+    elif d.eval_path:
+        train = load_class_records(d.path, d.on_bad_record).records
+        held = load_class_records(d.eval_path, d.on_bad_record).records
+        known = train
+    else:
+        everything = load_class_records(d.path, d.on_bad_record).records
+        train, held = train_eval_split(everything, eval_fraction=d.eval_fraction, seed=config.train.seed)
+        known = everything
+    if not train:
+        raise LorakitError(f"no training records left in {d.path} after holding out the eval split; lower eval_fraction or add data")
+    labels = LabelSet.from_records(known, config.model.num_labels, _model_id2label(config))
+    train_ids = labels.encode(train, d.path or "the shipped task")
+    eval_ids = labels.encode(held, d.eval_path or d.path or "the shipped task")
+    return ClassData(train, held, labels, train_ids, eval_ids, shipped)
+
+
+def _model_id2label(config: RunConfig) -> dict[int, str] | None:
+    """A model directory's own class names (used for integer labels), if it has meaningful ones."""
+    names = read_model_config(resolve_classifier_dir(config.model.name)).get("id2label") or {}
+    named = {int(k): v for k, v in names.items()}
+    return named if named and any(v != f"LABEL_{k}" for k, v in named.items()) else None
+
+
+def run_classification(config: RunConfig, log=print) -> dict:
+    """Train a SEQ_CLS adapter as `config` says; returns a summary (also printed)."""
+    out = Path(config.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise LorakitError(f"output_dir {out} exists and is a file; choose a directory")
+    if config.quant.enabled:
+        raise LorakitError("quantized bases (QLoRA) are not supported for SEQ_CLS yet; drop the quant settings")
+    data = prepare_class_data(config)
+    tokenizer = load_classifier_tokenizer(config.model.name)
+    max_len = config.data.max_seq_len
+    train_examples = tokenize_class(data.train, data.train_ids, tokenizer, max_len)
+    eval_examples = tokenize_class(data.eval, data.eval_ids, tokenizer, max_len) if data.eval else []
+    log(f"data: {len(train_examples)} train / {len(eval_examples)} eval examples, {data.labels.num_labels} labels "
+        f"({', '.join(data.labels.names[:8])}); batches grouped by length, padded per batch")
+
+    model = load_classifier(config.model.name, data.labels.num_labels, data.labels.id2label, config.model.dtype, tokenizer.pad_token_id)
+    torch.manual_seed(config.train.seed)
+    peft_model = get_peft_model(model, _lora_for(model, config))
+    if config.train.bf16:  # the head trains in full: fp32 master weights, bf16 compute under autocast
+        for module in peft_model.modules():
+            if isinstance(module, ModulesToSave):
+                module.modules_to_save.float()
+    peft_model.print_trainable_parameters()
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lorakit_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    batcher = LengthGroupedBatches(tokenizer.pad_token_id)
+    result = train(peft_model, train_examples, eval_examples, config.train, log=log, objective=SEQ_CLS, batcher=batcher)
+    summary: dict = {"steps": result.steps, "adapter": str(out / "adapter")}
+    if result.interrupted:
+        return summary
+    write_labels(out / "adapter", data.labels)
+    if eval_examples and config.train.compare_base:
+        summary["before"], summary["after"] = score(peft_model, eval_examples, data, tokenizer.pad_token_id, config)
+        log(before_after_table(summary["before"], summary["after"]))
+    elif result.eval_loss is not None:
+        summary["eval_loss"] = result.eval_loss
+        log(f"eval loss {result.eval_loss:.4f}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"adapter saved to {out / 'adapter'} ({result.steps} steps, {result.tokens_per_second:.0f} tokens/s); "
+        f"metrics in {out / 'metrics.jsonl'}")
+    return summary
+
+
+def _lora_for(model, config: RunConfig):
+    """The lora section for this model: SEQ_CLS's default targets narrowed to the names the model has."""
+    lora = config.lora
+    if lora.target_modules == SEQ_CLS_TARGETS:
+        names = [n for n, _ in model.named_modules()]
+        present = [t for t in SEQ_CLS_TARGETS if any(name_matches([t], n) for n in names)]
+        lora = replace(lora, target_modules=present or "all-linear")
+    return lora
+
+
+def score(model, eval_examples: list[ClassExample], data: ClassData, pad_token_id: int, config: RunConfig) -> tuple[dict, dict]:
+    """Accuracy, macro-F1 and eval loss on the held-out records: the base (its untrained head) and the adapter."""
+    base, adapter = score_classifier(model, eval_examples, data.eval, data.labels, pad_token_id,
+                                     {"base": BASE, "adapter": model.active_adapter}, config.train.per_device_eval_batch_size, config.train.bf16)
+    batches = lambda: LengthGroupedBatches(pad_token_id)(eval_examples, config.train.per_device_eval_batch_size, shuffle=False)  # noqa: E731
+    with model.disable_adapter():
+        base_loss = evaluate_loss(model, batches(), config.train.bf16, SEQ_CLS)
+    adapter_loss = evaluate_loss(model, batches(), config.train.bf16, SEQ_CLS)
+    return ({"accuracy": base.accuracy, "macro_f1": base.macro_f1, "eval_loss": base_loss},
+            {"accuracy": adapter.accuracy, "macro_f1": adapter.macro_f1, "eval_loss": adapter_loss})
+
+
+def before_after_table(before: dict, after: dict) -> str:
+    rows = [("", "untrained head", "with adapter"),
+            ("accuracy", f"{before['accuracy']:.1%}", f"{after['accuracy']:.1%}"),
+            ("macro-F1", f"{before['macro_f1']:.3f}", f"{after['macro_f1']:.3f}"),
+            ("eval loss", f"{before['eval_loss']:.4f}", f"{after['eval_loss']:.4f}")]
+    return "\n".join(f"  {a:<12} {b:>14} {c:>14}" for a, b, c in rows)
