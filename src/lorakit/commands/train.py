@@ -17,6 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(e.g. lorakit train my.yaml --max_steps 200 --output_dir out/).", epilog=help_text(),
     )
     parser.add_argument("config", nargs="?", help="YAML file with model / lora / data / train sections (or flat keys)")
+    parser.epilog += ("\n\nprocesses:\n    --nproc N                      train on N local processes (torchrun --standalone "
+                      "--nproc_per_node N -m lorakit train ...); for several machines run torchrun yourself (README)")
     parser.set_defaults(run=run)
 
 
@@ -41,6 +43,24 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.config import load_run_config
     from lorakit.train.run import run_training
 
-    config = load_run_config(args.config, parse_overrides(args.overrides))
-    run_training(config)
+    from lorakit.train.distributed import launch, shutdown
+
+    overrides = parse_overrides(args.overrides)
+    nproc = overrides.pop("nproc", None)
+    config = load_run_config(args.config, overrides)  # every problem reported once, before any process starts
+    if nproc is not None:  # `--nproc N`: torchrun runs this same command on N local processes
+        if not nproc.isdigit() or int(nproc) < 1:
+            raise LorakitError(f"--nproc must be a whole number >= 1 (got {nproc!r})")
+        rest = [t for i, t in enumerate(args.overrides) if not _is_nproc(args.overrides, i)]
+        return launch(int(nproc), ["train", *([args.config] if args.config else []), *rest])
+    try:
+        run_training(config)
+    finally:
+        shutdown()
     return 0
+
+
+def _is_nproc(tokens: list[str], i: int) -> bool:
+    """tokens[i] is `--nproc`, `--nproc=N`, or the value after `--nproc`."""
+    token = tokens[i]
+    return token == "--nproc" or token.startswith("--nproc=") or (i > 0 and tokens[i - 1] == "--nproc")

@@ -76,6 +76,10 @@ class TrainSection:
     output_dir: str = setting("out/lorakit", "where the adapter, checkpoints, metrics.jsonl and loss.png go")
     per_device_train_batch_size: int = setting(4, "rows per micro-batch")
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step")
+    global_batch_size: int = setting(0, "rows per optimizer step over all processes; > 0 sets gradient_accumulation_steps to "
+                                     "it / (per_device_train_batch_size x processes), which must divide it (0: not used)")
+    fsdp: bool = setting(False, "torchrun only: shard the frozen base over the processes (FSDP2 fully_shard per decoder "
+                         "layer; the adapter stays replicated)")
     num_train_epochs: float = setting(1.0, "passes over the training data (ignored when max_steps > 0)")
     max_steps: int = setting(-1, "optimizer steps to run; > 0 overrides num_train_epochs")
     learning_rate: float = setting(2e-4, "peak learning rate")
@@ -251,7 +255,7 @@ def validate(config: RunConfig) -> list[str]:
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size"):
         if getattr(t, name) < 1:
             found.append(f"{name} must be >= 1 (got {getattr(t, name)})")
-    for name in ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "warmup_steps"):
+    for name in ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "warmup_steps", "global_batch_size"):
         if getattr(t, name) < 0:
             found.append(f"{name} must be >= 0 (got {getattr(t, name)})")
     if t.max_steps <= 0 and t.num_train_epochs <= 0:

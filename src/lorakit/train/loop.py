@@ -176,7 +176,7 @@ def train(
     state = TrainState(progress, steps, warmup_steps_for(steps, cfg.warmup_steps, cfg.warmup_ratio), resumed_from)
     metrics = MetricsLog(output_dir, resume_step=progress.step if resumed_from else None) if main else _NoMetrics()
     hf_model = unwrap_model(model)
-    if cfg.gradient_checkpointing or getattr(hf_model, "is_gradient_checkpointing", False):
+    if cfg.gradient_checkpointing or any(getattr(m, "gradient_checkpointing", False) is True for m in hf_model.modules()):
         enable_checkpointing(hf_model, checkpoint_kwargs(hf_model, objective.packed_rows))
     model.train()
 

@@ -28,6 +28,7 @@ from lorakit.quant.load import load_quantized
 from lorakit.quant.prepare import prepare_model_for_kbit_training
 from lorakit.quant.record import write_quant_record
 from lorakit.train.config import RunConfig
+from lorakit.train.distributed import init_distributed, shard_base
 from lorakit.train.loop import train
 from lorakit.train.step import evaluate_loss
 
@@ -74,6 +75,8 @@ def run_training(config: RunConfig, log=print) -> dict:
 
         return run_classification(config, log)
     check_output_dir(config)
+    replicas = init_distributed()  # torchrun's processes (or this one alone); only rank 0 logs and writes
+    log = log if replicas.is_main else (lambda *_: None)
     data = prepare_data(config)
     tokenizer = load_tokenizer(config.model.name)
     d = config.data
@@ -86,22 +89,30 @@ def run_training(config: RunConfig, log=print) -> dict:
     eval_rows = pack(eval_examples, d.max_seq_len, pad, seed=0)[0] if eval_examples else []
     log(f"data: {len(train_examples)} train / {len(eval_examples)} eval examples; {pack_stats}")
 
-    model = load_base_model(config)
+    model = load_base_model(config, replicas.device)
     torch.manual_seed(config.train.seed)
     peft_model = get_peft_model(model, config.lora)
-    peft_model.print_trainable_parameters()
+    if replicas.is_main:
+        peft_model.print_trainable_parameters()
+    if config.train.fsdp and replicas.distributed:
+        layers = shard_base(peft_model.model, replicas)
+        log(f"fsdp: the frozen base of {layers} decoder layers sharded over {replicas.world_size} processes")
 
     summary: dict = {}
     output_dir = Path(config.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "lorakit_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    result = train(peft_model, train_rows, eval_rows, config.train, log=log)
-    if not result.interrupted:
+    if replicas.is_main:
+        (output_dir / "lorakit_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    result = train(peft_model, train_rows, eval_rows, config.train, log=log, replicas=replicas)
+    if not result.interrupted and replicas.is_main:
         write_quant_record(output_dir / "adapter", config.quant)
     summary.update(steps=result.steps, tokens_per_second=round(result.tokens_per_second, 1), adapter=str(output_dir / "adapter"))
-    if result.interrupted:
+    if result.interrupted or not replicas.is_main:
         return summary
-    if data.shipped_task and config.train.compare_base:
+    sharded = config.train.fsdp and replicas.distributed
+    if sharded and data.shipped_task and config.train.compare_base:
+        log("fsdp: the base is sharded, so the before/after scores are skipped; score with lorakit eval")
+    if data.shipped_task and config.train.compare_base and not sharded:
         summary["before"], summary["after"] = score(peft_model, tokenizer, data, eval_rows, config)
         log(before_after_table(summary["before"], summary["after"]))
     elif result.eval_loss is not None:
@@ -113,12 +124,13 @@ def run_training(config: RunConfig, log=print) -> dict:
     return summary
 
 
-def load_base_model(config: RunConfig):
-    """The frozen base: bf16 (default) or quantized through bitsandbytes, ready for LoRA training."""
+def load_base_model(config: RunConfig, device: torch.device | str = "cpu"):
+    """The frozen base on `device`: bf16 (default) or quantized through bitsandbytes (its CUDA kernels on
+    a GPU), ready for LoRA training."""
     quant = config.quant
     if not quant.enabled:
-        return load_model(config.model.name, dtype=config.model.dtype)
-    model = load_quantized(resolve_model_dir(config.model.name), quant)
+        return load_model(config.model.name, dtype=config.model.dtype).to(device)
+    model = load_quantized(resolve_model_dir(config.model.name), quant, device)
     # QLoRA's recipe: checkpointing is on for a quantized base (its point is memory), whatever the train section says.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
 
