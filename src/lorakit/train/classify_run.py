@@ -77,11 +77,23 @@ def _model_id2label(config: RunConfig) -> dict[int, str] | None:
     return named if named and any(v != f"LABEL_{k}" for k, v in named.items()) else None
 
 
-def run_classification(config: RunConfig, log=print) -> dict:
-    """Train a SEQ_CLS adapter as `config` says; returns a summary (also printed)."""
-    out = Path(config.train.output_dir)
-    if out.exists() and not out.is_dir():
-        raise LorakitError(f"output_dir {out} exists and is a file; choose a directory")
+@dataclass
+class ClassRun:
+    """What a classification run trains: the LoRA-wrapped classifier, its tokenizer and the tokenized data."""
+
+    model: object
+    tokenizer: object
+    data: ClassData
+    train_examples: list[ClassExample]
+    eval_examples: list[ClassExample]
+
+    @property
+    def batcher(self) -> LengthGroupedBatches:
+        return LengthGroupedBatches(self.tokenizer.pad_token_id)
+
+
+def prepare_run(config: RunConfig, log=print) -> ClassRun:
+    """Data, labels, tokenizer, classifier and a fresh adapter, as `config` says (nothing written)."""
     if config.quant.enabled:
         raise LorakitError("quantized bases (QLoRA) are not supported for SEQ_CLS yet; drop the quant settings")
     data = prepare_class_data(config)
@@ -91,7 +103,6 @@ def run_classification(config: RunConfig, log=print) -> dict:
     eval_examples = tokenize_class(data.eval, data.eval_ids, tokenizer, max_len) if data.eval else []
     log(f"data: {len(train_examples)} train / {len(eval_examples)} eval examples, {data.labels.num_labels} labels "
         f"({', '.join(data.labels.names[:8])}); batches grouped by length, padded per batch")
-
     model = load_classifier(config.model.name, data.labels.num_labels, data.labels.id2label, config.model.dtype, tokenizer.pad_token_id)
     torch.manual_seed(config.train.seed)
     peft_model = get_peft_model(model, _lora_for(model, config))
@@ -99,12 +110,21 @@ def run_classification(config: RunConfig, log=print) -> dict:
         for module in peft_model.modules():
             if isinstance(module, ModulesToSave):
                 module.modules_to_save.float()
+    return ClassRun(peft_model, tokenizer, data, train_examples, eval_examples)
+
+
+def run_classification(config: RunConfig, log=print) -> dict:
+    """Train a SEQ_CLS adapter as `config` says; returns a summary (also printed)."""
+    out = Path(config.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise LorakitError(f"output_dir {out} exists and is a file; choose a directory")
+    run = prepare_run(config, log)
+    peft_model, tokenizer, data, train_examples, eval_examples = run.model, run.tokenizer, run.data, run.train_examples, run.eval_examples
     peft_model.print_trainable_parameters()
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "lorakit_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    batcher = LengthGroupedBatches(tokenizer.pad_token_id)
-    result = train(peft_model, train_examples, eval_examples, config.train, log=log, objective=SEQ_CLS, batcher=batcher)
+    result = train(peft_model, train_examples, eval_examples, config.train, log=log, objective=SEQ_CLS, batcher=run.batcher)
     summary: dict = {"steps": result.steps, "adapter": str(out / "adapter")}
     if result.interrupted:
         return summary
