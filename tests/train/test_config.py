@@ -44,7 +44,7 @@ def problems_for(overrides=None, yaml_text=None, tmp_path=None):
     ({"dtype": "int4"}, "model dtype must be one of float32, fp32, bfloat16"),
     ({"save_total_limit": "-1"}, "save_total_limit must be >= 0"),
     ({"eval_steps": "-1"}, "eval_steps must be >= 0"),
-    ({"task_type": "SEQ_CLS"}, "task_type 'SEQ_CLS' is not supported by lorakit train yet; use CAUSAL_LM"),
+    ({"task_type": "TOKEN_CLS"}, "task_type 'TOKEN_CLS' is not supported by lorakit train yet; use CAUSAL_LM or SEQ_CLS"),
     ({"task_type": "CAUSAL"}, "task_type 'CAUSAL' is unknown"),
     ({"double_quant": "true", "quantization": "int8"}, "double_quant applies to nf4 / fp4 only"),
     ({"lora.max_steps": "3"}, "unknown setting 'lora.max_steps'"),
@@ -126,3 +126,10 @@ def test_train_help_lists_every_setting(capsys):
     for name in field_owner():  # every setting of every section, each with its help and default
         assert f"    {name} " in text, name
     assert "exclude_modules" in text and "save_total_limit" in text and "task_type" in text
+
+
+def test_seq_cls_defaults_apply_unless_set():
+    config = load_run_config(None, {"task_type": "SEQ_CLS", "learning_rate": "5e-4"})
+    assert config.lora.target_modules == ["query", "value", "q_proj", "v_proj"] and config.lora.r == 8
+    assert config.train.learning_rate == 5e-4 and config.train.per_device_train_batch_size == 16
+    assert load_run_config(None, {}).lora.r == 16  # the causal defaults are untouched
