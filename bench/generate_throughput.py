@@ -84,11 +84,9 @@ def run_load(engine: Engine, prompts, adapters, params, concurrency: int) -> tup
         while next_index < len(prompts) and len(pending) < concurrency:
             pending[next_index] = engine.submit(prompts[next_index], adapters[next_index], params)
             next_index += 1
-        done = [i for i, h in pending.items() if h._done.is_set()]
-        for i in done:
+        engine.run_until(lambda: any(h.done for h in pending.values()))  # steps the engine from this thread
+        for i in [i for i, h in pending.items() if h.done]:
             results[i] = pending.pop(i).result()
-        if not done:
-            time.sleep(0.002)
     return results, time.perf_counter() - start
 
 

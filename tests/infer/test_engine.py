@@ -60,7 +60,7 @@ def test_a_short_request_does_not_wait_for_a_long_one() -> None:
     long = eng.submit("a long one", "a", SamplingParams(max_tokens=60))
     short = eng.submit("short", "b", SamplingParams(max_tokens=3))
     short_done = short.result()
-    assert not long._done.is_set()  # still generating when the short one has finished
+    assert not long.done  # still generating when the short one has finished
     assert short_done.finished < long.result().finished
     eng.close()
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
+import threading
 from pathlib import Path
-from typing import Iterator
 
 from lorakit.errors import LorakitError
 
@@ -64,25 +63,20 @@ def run(args: argparse.Namespace) -> int:
     app = build_app(engine, settings)
     print(f"lorakit serve: http://{args.host}:{args.port}/v1  model {name!r}, adapters {[a for a, _ in adapters]}"
           f"{', batch-invariant' if args.deterministic else ''}", flush=True)
-    server = _graceful_server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30))
-    server.run()
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=30))
+    serve_forever(engine, server)
     return 0
 
 
-def _graceful_server_class():
-    import uvicorn
-
-    class GracefulServer(uvicorn.Server):
-        """uvicorn re-raises SIGTERM after its graceful shutdown, so the process would end as killed (-15);
-        lorakit serve finishes the open requests, stops the engine and exits 0."""
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-    return GracefulServer
+def serve_forever(engine, server) -> None:
+    """HTTP in a thread, the engine's steps in this (the main) thread: the thread that loaded the model
+    keeps making every torch call (a second OpenMP team on the same cores is 1.5-2x slower per step).
+    SIGTERM / SIGINT: uvicorn stops accepting and finishes the open requests while the engine keeps
+    stepping; then both stop and the process exits 0."""
+    http = threading.Thread(target=server.run, name="lorakit-http", daemon=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+    http.start()
+    engine.run_forever(stop=lambda: not http.is_alive())
+    http.join()

@@ -1,9 +1,14 @@
 """The generation engine: continuous batching at the token level over one base and many adapters.
 
-A background thread runs the loop. Between two decode steps it admits waiting requests (one prefill
-for all of them, right-padded) into free cache slots and drops the finished or cancelled ones, so a
-short request never waits for a long one. Every row carries its own adapter (or mix, or none) and its
-own sampling settings; tokens are streamed to the request's handle as they are made.
+Between two decode steps the engine admits waiting requests (one prefill for all of them,
+right-padded) into free cache slots and drops the finished or cancelled ones, so a short request
+never waits for a long one. Every row carries its own adapter (or mix, or none) and its own sampling
+settings; tokens are streamed to the request's handle as they are made.
+
+Who runs the steps: the thread that waits for a result (`handle.result()`, iterating a handle,
+`engine.generate()`), or one thread running `run_forever()` (a server's main thread). Never a thread of
+the engine's own: on a CPU, a second thread issuing torch ops starts a second OpenMP team, and two
+teams on the same cores measured 1.5-2x slower per step than one (`bench/generate_throughput.py`).
 
 Memory is bounded: the KV cache is allocated once (`max_batch` slots of `max_len` tokens); a request
 that finds no free slot waits, and one that can never fit is refused when submitted.
@@ -54,15 +59,20 @@ class Completion:
 class RequestHandle:
     """What `Engine.submit` returns: iterate it for text pieces as they come, or call `result()`."""
 
-    def __init__(self, request_id: int, prompt_tokens: int) -> None:
+    def __init__(self, request_id: int, prompt_tokens: int, engine: Engine) -> None:
         self.id = request_id
+        self._engine = engine
         self.prompt_tokens = prompt_tokens
         self._events: queue.Queue[str | Completion | Exception] = queue.Queue()
         self._done = threading.Event()
         self._completion: Completion | None = None
         self._error: Exception | None = None
         self.cancelled = False
-        self.listener = None  # optional callable(event), called from the engine thread (servers wake their loop)
+        self.listener = None  # optional callable(event), called from the stepping thread (servers wake their loop)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
 
     def cancel(self) -> None:
         """Stop generating (a client went away); the slot is freed at the next step."""
@@ -70,6 +80,7 @@ class RequestHandle:
 
     def __iter__(self) -> Iterator[str]:
         while True:
+            self._engine.run_until(lambda: not self._events.empty(), None)
             event = self._events.get()
             if isinstance(event, Exception):
                 raise event
@@ -78,7 +89,7 @@ class RequestHandle:
             yield event
 
     def result(self, timeout: float | None = None) -> Completion:
-        if not self._done.wait(timeout):
+        if not self._engine.run_until(self._done.is_set, timeout):
             raise TimeoutError(f"request {self.id} did not finish in {timeout} s")
         if self._error is not None:
             raise self._error
@@ -131,8 +142,8 @@ class Engine:
         self._running: list[_Row] = []  # row i lives in cache slot i
         self._wake = threading.Condition()
         self._next_id = 0
-        self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._drive_lock = threading.Lock()  # one thread steps at a time
+        self._owner: threading.Thread | None = None  # the thread in run_forever(), if any
         self.steps = 0
 
     # --- public API -------------------------------------------------------------------------------
@@ -159,12 +170,11 @@ class Engine:
             )
         mix = self.registry.acquire(adapter)
         with self._wake:
-            handle = RequestHandle(self._next_id, len(ids))
+            handle = RequestHandle(self._next_id, len(ids), self)
             handle.listener = listener
             self._next_id += 1
             self._waiting.append(_Row(handle, ids, mix, params, new_generator(params), TextStream(self.tokenizer, params.stop), time.perf_counter()))
             self._wake.notify()
-        self._ensure_thread()
         return handle
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
@@ -187,38 +197,59 @@ class Engine:
         return len(self._running), len(self._waiting)
 
     def close(self, cancel: bool = False) -> None:
-        """Stop the loop once the running and waiting requests are done (or cancelled, with `cancel`)."""
+        """Finish (or, with `cancel`, cancel) every running and waiting request."""
         with self._wake:
             if cancel:
                 for row in [*self._running, *self._waiting]:
                     row.handle.cancel()
-            self._stopping = True
             self._wake.notify()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        self._stopping = False
+        self.run_until(lambda: not self._running and not self._waiting)
 
-    # --- the loop ---------------------------------------------------------------------------------
-    def _ensure_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
-            self._thread.start()
+    # --- who runs the steps -------------------------------------------------------------------------
+    def run_forever(self, stop: Callable[[], bool]) -> None:
+        """Make steps in this thread whenever there is work, until `stop()` is true and no work is left.
+        While it runs, waiting on a handle in other threads never steps (they just wait)."""
+        self._owner = threading.current_thread()
+        try:
+            while True:
+                with self._wake:
+                    if not self._waiting and not self._running:
+                        if stop():
+                            return
+                        self._wake.wait(timeout=0.05)
+                        continue
+                with self._drive_lock:
+                    self._step_safely()
+        finally:
+            self._owner = None
 
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._waiting and not self._running and not self._stopping:
-                    self._wake.wait()
-                if self._stopping and not self._waiting and not self._running:
-                    return
+    def run_until(self, ready: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Until `ready()`: step from this thread, or wait while another thread steps. False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not ready():
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            if self._owner is not None or not self._drive_lock.acquire(timeout=0.01):
+                time.sleep(0.002)
+                continue
             try:
-                with self.registry.lock:
-                    self.step()
-            except Exception as error:  # one bad step must not kill the loop: fail the rows it touched
-                for row in [*self._running]:
-                    self._finish(row, error=error)
-                self._running.clear()
+                idle = not (self._waiting or self._running)
+                if not idle and not ready():
+                    self._step_safely()
+            finally:
+                self._drive_lock.release()
+            if idle:
+                time.sleep(0.002)  # the result is being delivered by whoever made the last step
+        return True
+
+    def _step_safely(self) -> None:
+        try:
+            with self.registry.lock:
+                self.step()
+        except Exception as error:  # one bad step must not stop the engine: fail the rows it touched
+            for row in [*self._running]:
+                self._finish(row, error=error)
+            self._running.clear()
 
     def step(self) -> None:
         """Admit waiting requests, then make one token for every running one."""

@@ -141,10 +141,14 @@ class LoraLinear(nn.Module):
             raise LorakitError(f"adapter routing has {routing.rows} rows but the batch has {rows}; pass one adapter name per row")
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else result.dtype
         a_bank, b_bank = self.bank(routing, dtype, x.device)  # (S*R, in), (out, S*R)
-        xa = torch.nn.functional.linear(x.to(dtype), a_bank).view(rows, -1, a_bank.shape[0])  # (B, T, S*R)
-        xa = xa * routing.column_scales(dtype)[:, None, :]
-        flat = torch.addmm(result.reshape(-1, self.out_features).to(dtype), xa.view(-1, a_bank.shape[0]), b_bank.T)
-        return flat.view(result.shape).to(result.dtype)
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        xa = torch.nn.functional.linear(x, a_bank).view(rows, -1, a_bank.shape[0])  # (B, T, S*R)
+        xa.mul_(routing.column_scales(dtype)[:, None, :])
+        flat = result.reshape(-1, self.out_features)
+        if flat.dtype != dtype:
+            return torch.addmm(flat.to(dtype), xa.view(-1, a_bank.shape[0]), b_bank.T).view(result.shape).to(result.dtype)
+        return flat.addmm_(xa.view(-1, a_bank.shape[0]), b_bank.T).view(result.shape)
 
     @torch.no_grad()
     def bank(self, routing: Routing, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,9 +156,7 @@ class LoraLinear(nn.Module):
         (out, S*R); each slot zero-padded to the table's rank R, zero for adapters this layer lacks.
         Rebuilt only when the table or an adapter's weights change."""
         table = routing.table
-        # Tensor versions count in-place updates, so an adapter trained after the bank was built is seen.
-        weights_version = sum(m.weight._version for m in (*self.lora_A.values(), *self.lora_B.values()))
-        key = (table.version, weights_version, dtype, device)
+        key = (table.version, table.weights_version, dtype, device)
         cached = getattr(self, "_bank", None)
         if cached is not None and cached[0] == key:
             return cached[1]

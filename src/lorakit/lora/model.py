@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,6 +72,10 @@ class LoraModel(nn.Module):
         table = self.__dict__.get("_slot_table")
         epoch = self.__dict__.get("_adapters_epoch", 0)
         if table is not None and table.version == epoch:
+            # Tensor versions count in-place updates, so an adapter trained after its bank was built is seen.
+            weights_version = sum(p._version for p in self.__dict__["_lora_params"])
+            if weights_version != table.weights_version:
+                self.__dict__["_slot_table"] = table = dataclasses.replace(table, weights_version=weights_version)
             return table
         old = dict(table.slot_of) if table is not None else {}
         slot_of = {n: old[n] for n in names if n in old}
@@ -79,7 +84,9 @@ class LoraModel(nn.Module):
             if name not in slot_of:
                 slot_of[name] = next(free)
         width = max((self.peft_config[n].r for n in names), default=1)
-        self.__dict__["_slot_table"] = SlotTable(slot_of, epoch, width)
+        self.__dict__["_lora_params"] = [p for n, p in self.model.named_parameters() if "lora_" in n]
+        weights_version = sum(p._version for p in self.__dict__["_lora_params"])
+        self.__dict__["_slot_table"] = SlotTable(slot_of, epoch, width, weights_version)
         return self.__dict__["_slot_table"]
 
     def get_base_model(self) -> nn.Module:

@@ -25,12 +25,14 @@ RowSpec = Union[str, Mapping[str, float], None]
 @dataclass(frozen=True)
 class SlotTable:
     """Which bank slot holds which adapter (slot 0 is the empty adapter). `version` changes whenever the
-    set of adapters or their weights change, so layers know when to rebuild their banks; `rank_width`
-    is the largest rank loaded (every bank slot is padded to it)."""
+    set of adapters changes and `weights_version` whenever their weights do (in-place training updates
+    included), so layers know when to rebuild their banks; `rank_width` is the largest rank loaded
+    (every bank slot is padded to it)."""
 
     slot_of: Mapping[str, int]
     version: int
     rank_width: int
+    weights_version: int = 0
 
 
 @dataclass(frozen=True)
