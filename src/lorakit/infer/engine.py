@@ -317,7 +317,7 @@ class Engine:
         if not self.registry.model.peft_config:
             return None
         specs: list[RowSpec] = [r.mix for r in rows] + [None] * pad
-        return build_routing(specs, self.registry.model.slot_table, self.device)
+        return build_routing(specs, self.registry.model.slot_table, self.device, batch_invariant=self.deterministic)
 
     def _accept(self, row: _Row, token: int) -> None:
         """Record a sampled token: stream its text, or finish the row on EOS / stop / length."""

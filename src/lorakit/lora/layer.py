@@ -143,6 +143,12 @@ class LoraLinear(nn.Module):
         a_bank, b_bank = self.bank(routing, dtype, x.device)  # (S*R, in), (out, S*R)
         if x.dtype != dtype:
             x = x.to(dtype)
+        if routing.single_slot:  # one adapter for the whole batch: its own rank columns only
+            width = routing.table.rank_width
+            cols = slice((routing.single_slot - 1) * width, routing.single_slot * width)
+            a_bank, b_bank = a_bank[cols], b_bank[:, cols]
+            xa = torch.nn.functional.linear(x, a_bank)
+            return result.reshape(-1, self.out_features).to(dtype).addmm_(xa.view(-1, width), b_bank.T).view(result.shape).to(result.dtype)
         xa = torch.nn.functional.linear(x, a_bank).view(rows, -1, a_bank.shape[0])  # (B, T, S*R)
         xa.mul_(routing.column_scales(dtype)[:, None, :])
         flat = result.reshape(-1, self.out_features)

@@ -42,6 +42,7 @@ class Routing:
     unit_weights: bool  # every used slot has weight 1: the scale multiply can be skipped
     table: SlotTable
     base_only: bool  # no row uses any adapter: LoraLinear layers add nothing
+    single_slot: int  # > 0: every row uses this one slot at weight 1, so only its A and B are needed
     _scales: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -73,8 +74,10 @@ def row_mix(spec: RowSpec) -> dict[str, float]:
     raise LorakitError(f"an adapter row spec must be a name, {BASE!r} or a {{name: scale}} mapping, not {type(spec).__name__}")
 
 
-def build_routing(rows: Sequence[RowSpec], table: SlotTable, device: torch.device | None = None) -> Routing:
+def build_routing(rows: Sequence[RowSpec], table: SlotTable, device: torch.device | None = None,
+                  batch_invariant: bool = False) -> Routing:
     """Routing tensors for `rows`, with adapter names resolved to bank slots by `table`.
+    `batch_invariant` keeps every row on the full-bank path, whatever the others use.
 
     Raises:
         LorakitError: a row names an adapter that is not loaded (the error lists the loaded ones).
@@ -94,7 +97,9 @@ def build_routing(rows: Sequence[RowSpec], table: SlotTable, device: torch.devic
             slots[j, b] = slot_of[name]
             weights[j, b] = mix[name]
     unit = bool(((weights == 1) | (slots == 0)).all())
-    return Routing(slots.to(device), weights.to(device), unit, table, not bool(slots.any()))
+    first = int(slots[0, 0])
+    single = first if not batch_invariant and depth == 1 and first and unit and bool((slots == first).all()) else 0
+    return Routing(slots.to(device), weights.to(device), unit, table, not bool(slots.any()), single)
 
 
 def current_routing() -> Routing | None:
