@@ -52,10 +52,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'model':<24} {'exact match':>12}  records")
     for score in scores:
         print(f"{score.label:<24} {100 * score.exact_match:>11.1f}%  {len(score.predictions)}")
-    if args.predictions:
-        lines = [json.dumps({"model": s.label, **p}) + "\n" for s in scores for p in s.predictions]
-        atomic_write_text(Path(args.predictions), "".join(lines))
-        print(f"predictions: {args.predictions}")
+    write_predictions(args.predictions, scores)
     return 0
 
 
@@ -72,8 +69,13 @@ def run_classification(args: argparse.Namespace, adapters: dict[str, str]) -> in
     print(f"{'model':<24} {'accuracy':>9} {'macro-F1':>9}  records")
     for score in scores:
         print(f"{score.label:<24} {100 * score.accuracy:>8.1f}% {score.macro_f1:>9.3f}  {len(score.predictions)}")
-    if args.predictions:
-        lines = [json.dumps({"model": s.label, **p}) + "\n" for s in scores for p in s.predictions]
-        atomic_write_text(Path(args.predictions), "".join(lines))
-        print(f"predictions: {args.predictions}")
+    write_predictions(args.predictions, scores)
     return 0
+
+
+def write_predictions(path: str | None, scores) -> None:
+    """Every prediction of every scored model as one JSONL file (atomic), when a path is given."""
+    if path:
+        lines = [json.dumps({"model": s.label, **p}) + "\n" for s in scores for p in s.predictions]
+        atomic_write_text(Path(path), "".join(lines))
+        print(f"predictions: {path}")
