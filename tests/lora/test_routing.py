@@ -54,17 +54,17 @@ def test_a_mix_row_equals_summed_scaled_adapters() -> None:
 def test_matches_peft_mixed_batch(tmp_path) -> None:
     peft = pytest.importorskip("peft")
     base = make_tiny_llama()
-    ref = peft.get_peft_model(make_tiny_llama(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), "a")
-    ref.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=4, target_modules=["o_proj", "up_proj"]))
+    ref = peft.get_peft_model(make_tiny_llama(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), "sql")
+    ref.add_adapter("json", peft.LoraConfig(r=4, lora_alpha=4, target_modules=["o_proj", "up_proj"]))
     randomize_lora_b(ref, 3)
-    ref.save_pretrained(tmp_path)  # "a" at the top is not default-named: peft writes both in sub-directories
+    ref.save_pretrained(tmp_path)  # "sql" at the top is not default-named: peft writes both in sub-directories
     from lorakit import PeftModel
 
-    mine = PeftModel.from_pretrained(base, tmp_path / "a", adapter_name="a")
-    mine.load_adapter(tmp_path / "b", "b")
+    mine = PeftModel.from_pretrained(base, tmp_path / "sql", adapter_name="sql")
+    mine.load_adapter(tmp_path / "json", "json")
     ref.eval(), mine.eval()
     ids = torch.randint(2, 128, (4, 6), generator=torch.Generator().manual_seed(2))
-    rows = ["b", "__base__", "a", "b"]
+    rows = ["json", "__base__", "sql", "json"]
     with torch.no_grad():
         expected = ref(input_ids=ids, adapter_names=rows).logits
         got = mine(input_ids=ids, adapter_names=rows).logits
