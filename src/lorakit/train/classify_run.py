@@ -17,6 +17,7 @@ from lorakit.data.class_batches import ClassExample, LengthGroupedBatches, token
 from lorakit.data.classify import ClassRecord, LabelSet, load_class_records, parse_class_record
 from lorakit.data.split import train_eval_split
 from lorakit.errors import LorakitError
+from lorakit.io import atomic_write_text
 from lorakit.infer.classify import score_classifier, write_labels
 from lorakit.lora.layer import ModulesToSave
 from lorakit.lora.model import get_peft_model
@@ -123,7 +124,7 @@ def run_classification(config: RunConfig, log=print) -> dict:
     peft_model.print_trainable_parameters()
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "lorakit_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(out / "lorakit_config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     result = train(peft_model, train_examples, eval_examples, config.train, log=log, objective=SEQ_CLS, batcher=run.batcher)
     summary: dict = {"steps": result.steps, "adapter": str(out / "adapter")}
     if result.interrupted:
@@ -135,7 +136,7 @@ def run_classification(config: RunConfig, log=print) -> dict:
     elif result.eval_loss is not None:
         summary["eval_loss"] = result.eval_loss
         log(f"eval loss {result.eval_loss:.4f}")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     log(f"adapter saved to {out / 'adapter'} ({result.steps} steps, {result.tokens_per_second:.0f} tokens/s); "
         f"metrics in {out / 'metrics.jsonl'}")
     return summary

@@ -19,6 +19,7 @@ from lorakit.data.packing import pad_rows
 from lorakit.data.records import Records
 from lorakit.config import TaskType
 from lorakit.errors import LorakitError
+from lorakit.io import atomic_write_text
 from lorakit.infer.scoring import score_samples
 from lorakit.lora.routing import BASE
 from lorakit.tasks.order_json import DEFAULT_MAX_NEW_TOKENS, train_eval_records
@@ -102,7 +103,7 @@ def run_training(config: RunConfig, log=print) -> dict:
     output_dir = Path(config.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if replicas.is_main:
-        (output_dir / "lorakit_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        atomic_write_text(output_dir / "lorakit_config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     result = train(peft_model, train_rows, eval_rows, config.train, log=log, replicas=replicas)
     if not result.interrupted and replicas.is_main:
         write_quant_record(output_dir / "adapter", config.quant)
@@ -118,7 +119,7 @@ def run_training(config: RunConfig, log=print) -> dict:
     elif result.eval_loss is not None:
         summary["eval_loss"] = result.eval_loss
         log(f"eval loss {result.eval_loss:.4f} (perplexity {math.exp(min(result.eval_loss, 50)):.2f})")
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     log(f"adapter saved to {output_dir / 'adapter'} ({result.steps} steps, {result.tokens_per_second:.0f} tokens/s); "
         f"metrics in {output_dir / 'metrics.jsonl'}, loss curve in {output_dir / 'loss.png'}")
     return summary
