@@ -3,7 +3,8 @@
 An optional cap on adapters held in memory evicts the least recently used one that is neither pinned
 nor serving a request. Loading reads and checks the files before the model changes (LoraModel's
 load_adapter), so a bad adapter leaves the registry as it was. Every change to the model happens
-under `lock`, which the generation engine holds for each step."""
+under `lock`, which the generation engine holds for each step; the bookkeeping of which adapters
+requests use has its own short lock, so submitting a request never waits for a step to end."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ class AdapterRegistry:
         self.model = model if isinstance(model, LoraModel) else LoraModel.wrap(model)
         self.model.eval()
         self.max_loaded = max_loaded
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # the model: held by the engine for each step, and by load / unload
+        self._book = threading.Lock()  # names, pins, use counts: held for microseconds
         self._paths: dict[str, str] = {name: "" for name in self.model.peft_config}
         self._pinned: set[str] = set()
         self._in_use: dict[str, int] = {}
@@ -55,27 +57,30 @@ class AdapterRegistry:
         if not ADAPTER_NAME.fullmatch(name) or name == BASE:
             raise LorakitError(f"adapter name {name!r} is not allowed; use letters, digits, '.', '_' and '-' only")
         with self.lock:
-            if name in self._paths:
-                raise LorakitError(f"adapter {name!r} is already loaded; unload it first or pick another name")
-            victim = self._eviction_victim()
+            with self._book:
+                if name in self._paths:
+                    raise LorakitError(f"adapter {name!r} is already loaded; unload it first or pick another name")
+                victim = self._eviction_victim()
             self.model.load_adapter(directory, name)  # checks everything before changing the model
             if victim is not None:
                 self.unload(victim)
-            self._paths[name] = str(Path(directory).resolve())
-            self._recent[name] = None
-            if pin:
-                self._pinned.add(name)
+            with self._book:
+                self._paths[name] = str(Path(directory).resolve())
+                self._recent[name] = None
+                if pin:
+                    self._pinned.add(name)
             return self.info(name)
 
     def unload(self, name: str) -> None:
         with self.lock:
-            self._check_known([name])
-            if self._in_use.get(name):
-                raise LorakitError(f"adapter {name!r} is serving {self._in_use[name]} request(s); unload it when they finish")
+            with self._book:  # once gone from the books, no new request can pick it
+                self._check_known([name])
+                if self._in_use.get(name):
+                    raise LorakitError(f"adapter {name!r} is serving {self._in_use[name]} request(s); unload it when they finish")
+                for table in (self._paths, self._recent, self._in_use):
+                    table.pop(name, None)
+                self._pinned.discard(name)
             self.model.delete_adapter(name)
-            for table in (self._paths, self._recent, self._in_use):
-                table.pop(name, None)
-            self._pinned.discard(name)
 
     def _eviction_victim(self) -> str | None:
         if self.max_loaded is None or len(self._paths) < self.max_loaded:
@@ -107,7 +112,7 @@ class AdapterRegistry:
     def acquire(self, spec: RowSpec) -> dict[str, float]:
         """Mark the adapters of a request's row spec in use (never evicted until released)."""
         mix = row_mix(spec)
-        with self.lock:
+        with self._book:
             self._check_known(list(mix))
             for name in mix:
                 self._in_use[name] = self._in_use.get(name, 0) + 1
@@ -115,7 +120,7 @@ class AdapterRegistry:
         return mix
 
     def release(self, mix: dict[str, float]) -> None:
-        with self.lock:
+        with self._book:
             for name in mix:
                 if self._in_use.get(name):
                     self._in_use[name] -= 1
