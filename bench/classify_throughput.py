@@ -136,7 +136,7 @@ def main() -> None:
                 best = result
         results[name] = best
         print(f"  {name:<10} {best['examples_per_second']:8.1f} examples/s  {best['peak_rss_gb']:.2f} GB  accuracy {best['accuracy']:.1%}", flush=True)
-    print(f"\n| config | examples/s | peak RSS | held-out accuracy |\n|---|---|---|---|")
+    print("\n| config | examples/s | peak RSS | held-out accuracy |\n|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['examples_per_second']:.1f} | {r['peak_rss_gb']:.2f} GB | {r['accuracy']:.1%} |")
     peers = [r for n, r in results.items() if n != "lorakit"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 from lorakit.data.formats import parse_record
 from lorakit.data.templates import get_template

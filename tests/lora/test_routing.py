@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorakit import LoraConfig, get_peft_model
 from lorakit.errors import LorakitError
 from tests.helpers import make_tiny_llama, randomize_lora_b, tiny_lora_model
 

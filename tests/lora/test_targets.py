@@ -4,7 +4,6 @@ from __future__ import annotations
 
 
 import pytest
-import torch
 
 from lorakit import ConfigError, LoraConfig, get_peft_model
 from lorakit.lora.targets import find_targets, name_matches, resolve_all_linear

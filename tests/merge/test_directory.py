@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from lorakit import load_model
 from lorakit.errors import LorakitError

@@ -1,7 +1,6 @@
 """The training loop: exact resume after an interrupt, accumulation, eval_steps, save_total_limit,
 checkpointing, and the injectable normaliser."""
 
-import json
 
 import pytest
 import torch
