@@ -6,18 +6,14 @@ objective and length-grouped padded batches (no packing across examples)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
-import yaml
 
 from lorakit.data.class_batches import ClassExample, LengthGroupedBatches, tokenize_class
 from lorakit.data.classify import ClassRecord, LabelSet, load_class_records, parse_class_record
 from lorakit.data.split import train_eval_split
 from lorakit.errors import LorakitError
-from lorakit.io import atomic_write_text
 from lorakit.infer.classify import score_classifier, write_labels
 from lorakit.lora.layer import ModulesToSave
 from lorakit.lora.model import get_peft_model
@@ -28,6 +24,7 @@ from lorakit.tasks import sentiment
 from lorakit.train.classification import SEQ_CLS
 from lorakit.train.config import SEQ_CLS_TARGETS, RunConfig
 from lorakit.train.loop import train
+from lorakit.train.outputs import check_output_dir, write_run_config, write_summary
 from lorakit.train.step import evaluate_loss
 
 
@@ -116,15 +113,12 @@ def prepare_run(config: RunConfig, log=print) -> ClassRun:
 
 def run_classification(config: RunConfig, log=print) -> dict:
     """Train a SEQ_CLS adapter as `config` says; returns a summary (also printed)."""
-    out = Path(config.train.output_dir)
-    if out.exists() and not out.is_dir():
-        raise LorakitError(f"output_dir {out} exists and is a file; choose a directory")
+    out = check_output_dir(config)
     run = prepare_run(config, log)
     peft_model, tokenizer, data, train_examples, eval_examples = run.model, run.tokenizer, run.data, run.train_examples, run.eval_examples
     peft_model.print_trainable_parameters()
 
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "lorakit_config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_run_config(out, config)
     result = train(peft_model, train_examples, eval_examples, config.train, log=log, objective=SEQ_CLS, batcher=run.batcher)
     summary: dict = {"steps": result.steps, "adapter": str(out / "adapter")}
     if result.interrupted:
@@ -136,10 +130,7 @@ def run_classification(config: RunConfig, log=print) -> dict:
     elif result.eval_loss is not None:
         summary["eval_loss"] = result.eval_loss
         log(f"eval loss {result.eval_loss:.4f}")
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    log(f"adapter saved to {out / 'adapter'} ({result.steps} steps, {result.tokens_per_second:.0f} tokens/s); "
-        f"metrics in {out / 'metrics.jsonl'}")
-    return summary
+    return write_summary(out, summary, result, log)
 
 
 def _lora_for(model, config: RunConfig):

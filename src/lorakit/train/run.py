@@ -5,13 +5,10 @@ data files, empty data sets) runs before the model is loaded and before anything
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import yaml
 
 from lorakit.data import batches, load_records, pack, tokenize_samples, train_eval_split
 from lorakit.data.formats import Sample, parse_record
@@ -19,7 +16,6 @@ from lorakit.data.packing import pad_rows
 from lorakit.data.records import Records
 from lorakit.config import TaskType
 from lorakit.errors import LorakitError
-from lorakit.io import atomic_write_text
 from lorakit.infer.scoring import score_samples
 from lorakit.lora.routing import BASE
 from lorakit.tasks.order_json import DEFAULT_MAX_NEW_TOKENS, train_eval_records
@@ -31,6 +27,7 @@ from lorakit.quant.record import write_quant_record
 from lorakit.train.config import RunConfig
 from lorakit.train.distributed import init_distributed, shard_base
 from lorakit.train.loop import train
+from lorakit.train.outputs import check_output_dir, write_run_config, write_summary
 from lorakit.train.step import evaluate_loss
 
 
@@ -63,19 +60,13 @@ def _records_from_dicts(raw: list[dict]) -> list[Sample]:
     return [parse_record(r, f"shipped task #{i}", "alpaca") for i, r in enumerate(raw)]
 
 
-def check_output_dir(config: RunConfig) -> None:
-    out = Path(config.train.output_dir)
-    if out.exists() and not out.is_dir():
-        raise LorakitError(f"output_dir {out} exists and is a file; choose a directory")
-
-
 def run_training(config: RunConfig, log=print) -> dict:
     """Train an adapter as `config` says; returns a summary (also printed)."""
+    output_dir = check_output_dir(config)
     if config.lora.task_type == TaskType.SEQ_CLS.value:
         from lorakit.train.classify_run import run_classification  # its own job: records with labels, a classifier
 
         return run_classification(config, log)
-    check_output_dir(config)
     replicas = init_distributed()  # torchrun's processes (or this one alone); only rank 0 logs and writes
     log = log if replicas.is_main else (lambda *_: None)
     data = prepare_data(config)
@@ -100,10 +91,9 @@ def run_training(config: RunConfig, log=print) -> dict:
         log(f"fsdp: the frozen base of {layers} decoder layers sharded over {replicas.world_size} processes")
 
     summary: dict = {}
-    output_dir = Path(config.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if replicas.is_main:
-        atomic_write_text(output_dir / "lorakit_config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_run_config(output_dir, config)
     result = train(peft_model, train_rows, eval_rows, config.train, log=log, replicas=replicas)
     if not result.interrupted and replicas.is_main:
         write_quant_record(output_dir / "adapter", config.quant)
@@ -119,10 +109,7 @@ def run_training(config: RunConfig, log=print) -> dict:
     elif result.eval_loss is not None:
         summary["eval_loss"] = result.eval_loss
         log(f"eval loss {result.eval_loss:.4f} (perplexity {math.exp(min(result.eval_loss, 50)):.2f})")
-    atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    log(f"adapter saved to {output_dir / 'adapter'} ({result.steps} steps, {result.tokens_per_second:.0f} tokens/s); "
-        f"metrics in {output_dir / 'metrics.jsonl'}, loss curve in {output_dir / 'loss.png'}")
-    return summary
+    return write_summary(output_dir, summary, result, log)
 
 
 def load_base_model(config: RunConfig, device: torch.device | str = "cpu"):
