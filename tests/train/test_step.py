@@ -10,6 +10,7 @@ import torch
 from lorakit import LoraConfig, get_peft_model
 from lorakit.data import IGNORE_INDEX
 from lorakit.lora.model import unwrap_model
+from lorakit import device
 from lorakit.train import fused, step
 from lorakit.train.attention import PACKED_ATTENTION
 from tests.helpers import make_tiny_llama, randomize_lora_b
@@ -67,11 +68,11 @@ def test_another_objective_plugs_into_the_same_step():
 
 def test_autocast_follows_the_model_device():
     model = _model()
-    assert step.model_device(model) == torch.device("cpu")
-    assert step.autocast(torch.device("cpu"), True).fast_dtype == torch.bfloat16
+    assert device.model_device(model) == torch.device("cpu")
+    assert device.autocast(torch.device("cpu"), True).fast_dtype == torch.bfloat16
     with pytest.warns(UserWarning) if not torch.cuda.is_available() else nullcontext():  # "CUDA is not available"
-        assert step.autocast(torch.device("cuda"), True).device == "cuda"
-    assert not isinstance(step.autocast(torch.device("cpu"), False), torch.autocast)
+        assert device.autocast(torch.device("cuda"), True).device == "cuda"
+    assert not isinstance(device.autocast(torch.device("cpu"), False), torch.autocast)
 
 
 def test_training_paths_do_not_reach_another_thread_using_the_model(monkeypatch):

@@ -31,6 +31,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from lorakit.data.chat import render
+from lorakit.data.formats import Message
+from lorakit.data.templates import has_chat_template
 from lorakit.errors import LorakitError
 from lorakit.infer.decoder import SlotCache, SlotDecoder
 from lorakit.infer.registry import AdapterRegistry
@@ -179,9 +182,9 @@ class Engine:
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a chat, rendered with the tokenizer's chat template, ready for the reply."""
-        if getattr(self.tokenizer, "chat_template", None) is None:
+        if not has_chat_template(self.tokenizer):
             raise LorakitError("this tokenizer has no chat template; send a plain prompt instead")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = render(self.tokenizer, [Message(m["role"], m["content"]) for m in messages], add_generation_prompt=True)
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def generate(self, prompts: Sequence[str | Sequence[int]], adapters: Sequence[RowSpec] | None = None,

@@ -24,6 +24,11 @@ from lorakit.lora.routing import BASE, RowSpec, row_mix
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
+def valid_adapter_name(name: object) -> bool:
+    """Letters, digits, '.', '_' and '-' only (safe in URLs, file names and metrics), and not "__base__"."""
+    return isinstance(name, str) and ADAPTER_NAME.fullmatch(name) is not None and name != BASE
+
+
 @dataclass(frozen=True)
 class AdapterInfo:
     name: str
@@ -54,7 +59,7 @@ class AdapterRegistry:
             LorakitError: a bad name, a name already loaded, nothing evictable, or an adapter that does
                 not fit the base; the registry is unchanged.
         """
-        if not ADAPTER_NAME.fullmatch(name) or name == BASE:
+        if not valid_adapter_name(name):
             raise LorakitError(f"adapter name {name!r} is not allowed; use letters, digits, '.', '_' and '-' only")
         with self.lock:
             with self._book:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import re
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from lorakit.errors import LorakitError
 from lorakit.infer.engine import Completion, Engine, RequestHandle
+from lorakit.infer.registry import valid_adapter_name
 from lorakit.lora.routing import BASE
 from lorakit.serve.metrics import ServerMetrics
 from lorakit.serve.protocol import (ApiError, GenerationRequest, bad, chat_body, chunk_body, completion_body, new_id,
@@ -170,9 +170,6 @@ def build_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9._-]+")
-
-
 async def read_json(request: Request, limit: int) -> Any:
     """The body as JSON, refused beyond `limit` bytes (413) before it is all read."""
     declared = request.headers.get("content-length")
@@ -212,7 +209,7 @@ def adapter_fields(body: Any, need_path: bool) -> tuple[str, str]:
     if not isinstance(body, dict):
         raise bad("body", "the request body must be a JSON object")
     name, path = body.get("lora_name"), body.get("lora_path")
-    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or name == BASE:
+    if not valid_adapter_name(name):
         raise bad("lora_name", "'lora_name' must use letters, digits, '.', '_' and '-' only")
     if need_path and (not isinstance(path, str) or not path):
         raise bad("lora_path", "'lora_path' is required: a directory inside the server's --adapter-root")

@@ -12,7 +12,7 @@ parallelism give the same update as one big batch. An `Objective` says what is l
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterable, Iterator, NamedTuple, Protocol
 
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lorakit.data.tokenize import IGNORE_INDEX
+from lorakit.device import autocast, model_device, to_device
 from lorakit.lora.model import unwrap_model
 from lorakit.train.attention import SEQ_LENS_KWARG, packed_attention_enabled
 from lorakit.train.fused import lean_blocks
@@ -69,11 +70,6 @@ class StepLoss(NamedTuple):
     count: int
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """Where the model's parameters live: batches go there, autocast runs for its device type."""
-    return next(model.parameters()).device
-
-
 @contextmanager
 def training_paths(hf_model: nn.Module, packed: bool = True) -> Iterator[None]:
     """Packed per-example attention (`packed`) and the lean norm / MLP kernels, in this thread only.
@@ -87,16 +83,6 @@ def checkpoint_kwargs(hf_model: nn.Module, packed: bool = True) -> dict:
     paths too: on CUDA, autograd runs backward (and so the recompute) on its own device threads, outside
     the thread-local `training_paths` of the training thread; `context_fn` re-enters them there."""
     return {"use_reentrant": False, "context_fn": lambda: (nullcontext(), training_paths(hf_model, packed))}
-
-
-def autocast(device: torch.device, bf16: bool) -> AbstractContextManager:
-    """bf16 autocast for the device's type (cpu, cuda, ...), or nothing."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """The batch's tensors on `device` (a no-op where they already are); lists such as seq_lens stay."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def forward_loss(model: nn.Module, batch: dict, objective: Objective = CAUSAL_LM, bf16: bool = True) -> tuple[torch.Tensor, int]:
