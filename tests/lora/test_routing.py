@@ -100,6 +100,8 @@ def test_bad_routing_is_refused_with_one_line() -> None:
     model.merge_adapter()
     with pytest.raises(LorakitError, match="unmerge_adapter"):
         model(input_ids=ids, adapter_names=["a", "b"])
+    with pytest.raises(LorakitError, match="unmerge_adapter"):  # base rows would silently see merged weights
+        model(input_ids=ids, adapter_names=["__base__", "__base__"])
 
 
 def test_routing_sees_adapters_trained_after_the_bank_was_built() -> None:

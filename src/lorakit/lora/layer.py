@@ -112,6 +112,8 @@ class LoraLinear(nn.Module):
             return result
         routing = current_routing()
         if routing is not None:
+            if self.merged_adapters:  # every row, "__base__" ones too, would see the merged weights
+                raise LorakitError("per-row adapters cannot run while adapters are merged into the weights; call unmerge_adapter() first")
             return result if routing.base_only else self._add_routed(result, x, routing)
         for name in self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
@@ -134,8 +136,6 @@ class LoraLinear(nn.Module):
         """Each row its own adapter mix, in two matmuls for the whole batch whatever the number of
         distinct adapters: x times every bank slot's A at once (B, T, S*R), each row's columns scaled by
         its weight for that slot (zero for slots it does not use), then times every slot's scaled B."""
-        if self.merged_adapters:
-            raise LorakitError("per-row adapters cannot run while adapters are merged into the weights; call unmerge_adapter() first")
         rows = x.shape[0]
         if rows != routing.rows:
             raise LorakitError(f"adapter routing has {routing.rows} rows but the batch has {rows}; pass one adapter name per row")
@@ -147,14 +147,15 @@ class LoraLinear(nn.Module):
             width = routing.table.rank_width
             cols = slice((routing.single_slot - 1) * width, routing.single_slot * width)
             a_bank, b_bank = a_bank[cols], b_bank[:, cols]
-            xa = torch.nn.functional.linear(x, a_bank)
-            return result.reshape(-1, self.out_features).to(dtype).addmm_(xa.view(-1, width), b_bank.T).view(result.shape).to(result.dtype)
+            return self._add_product(result, torch.nn.functional.linear(x, a_bank), b_bank, dtype)
         xa = torch.nn.functional.linear(x, a_bank).view(rows, -1, a_bank.shape[0])  # (B, T, S*R)
         xa.mul_(routing.column_scales(dtype)[:, None, :])
-        flat = result.reshape(-1, self.out_features)
-        if flat.dtype != dtype:
-            return torch.addmm(flat.to(dtype), xa.view(-1, a_bank.shape[0]), b_bank.T).view(result.shape).to(result.dtype)
-        return flat.addmm_(xa.view(-1, a_bank.shape[0]), b_bank.T).view(result.shape)
+        return self._add_product(result, xa, b_bank, dtype)
+
+    def _add_product(self, result: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """result + xa B^T in `dtype` (in place when the result already has it), in the result's dtype."""
+        flat = result.reshape(-1, self.out_features).to(dtype)
+        return flat.addmm_(xa.reshape(-1, b.shape[1]), b.T).view(result.shape).to(result.dtype)
 
     @torch.no_grad()
     def bank(self, routing: Routing, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,8 +56,6 @@ class LoraModel(nn.Module):
             return None
         if self.model.training:
             raise LorakitError("adapter_names is for inference; call model.eval() first (each row would train another adapter)")
-        if any(isinstance(m, LoraLinear) and m.merged_adapters for m in self.model.modules()):
-            raise LorakitError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
         device = device or next(self.model.parameters()).device
         return build_routing(adapter_names, self.slot_table, device)
 
