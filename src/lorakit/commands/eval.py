@@ -7,15 +7,14 @@ import argparse
 import json
 from pathlib import Path
 
-from lorakit.commands.generate import parse_adapter_spec
+from lorakit.commands.generate import model_with_adapters, parse_adapter_spec
 from lorakit.data.records import load_records
 from lorakit.errors import LorakitError
 from lorakit.infer.classify import is_classification_adapter, load_classification_adapters, score_classifier
 from lorakit.infer.scoring import score_samples
 from lorakit.io import atomic_write_text
-from lorakit.lora.model import LoraModel
 from lorakit.lora.routing import BASE
-from lorakit.models.load import load_model, load_tokenizer
+from lorakit.models.load import load_tokenizer
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,9 +43,7 @@ def run(args: argparse.Namespace) -> int:
         return run_classification(args, {name: directory for name, directory, _ in specs})
     samples = list(load_records(args.data).samples)[: args.limit]
     tokenizer = load_tokenizer(args.model)
-    model = LoraModel.wrap(load_model(args.model, dtype=args.dtype))
-    for name, directory, _ in specs:
-        model.load_adapter(directory, name)
+    model = model_with_adapters(args.model, args.dtype, specs)
     wanted = ({"base": BASE} if args.base or not specs else {}) | {name: name for name, _, _ in specs}
     scores = score_samples(model, tokenizer, samples, wanted, args.template, args.max_new_tokens)
     print(f"{'model':<24} {'exact match':>12}  records")

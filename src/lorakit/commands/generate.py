@@ -51,14 +51,20 @@ def _is_number(text: str) -> bool:
         return False
 
 
+def model_with_adapters(model_name: str, dtype: str, specs: list[tuple[str, str, float]]) -> LoraModel:
+    """The base model with each (name, directory, _) adapter loaded, for inference."""
+    model = LoraModel.wrap(load_model(model_name, dtype=dtype))
+    for name, directory, _ in specs:
+        model.load_adapter(directory, name)
+    return model
+
+
 def run(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, stop=tuple(args.stop), seed=args.seed).validate()
     specs = [parse_adapter_spec(s, i) for i, s in enumerate(args.adapter)]
     tokenizer = load_tokenizer(args.model)
-    model = LoraModel.wrap(load_model(args.model, dtype=args.dtype))
-    for name, directory, _ in specs:
-        model.load_adapter(directory, name)
+    model = model_with_adapters(args.model, args.dtype, specs)
     engine = Engine(model, tokenizer, max_batch=1, max_len=4096)
     if args.chat is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.chat}]

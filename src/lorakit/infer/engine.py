@@ -272,11 +272,11 @@ class Engine:
 
     def _admit(self) -> None:
         new: list[_Row] = []
+        longest = 0
         with self._wake:
-            budget = PREFILL_TOKENS
             while self._waiting and len(self._running) + len(new) < self.max_batch:
-                cost = len(self._waiting[0].prompt) * (len(new) + 1)
-                if new and (cost > budget or self.deterministic):
+                longest = max(longest, len(self._waiting[0].prompt))
+                if new and (longest * (len(new) + 1) > PREFILL_TOKENS or self.deterministic):  # rows x padded length
                     break
                 new.append(self._waiting.popleft())
         if not new:
