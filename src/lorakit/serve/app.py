@@ -144,7 +144,7 @@ def build_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     async def load_adapter(request: Request) -> Response:
         body = await read_json(request, settings.max_body_bytes)
         name, path = adapter_fields(body, need_path=True)
-        directory = inside_root(settings.adapter_root, path)
+        directory = inside_root(adapter_root(settings), path)
         try:
             await asyncio.to_thread(engine.registry.load, name, directory)
         except LorakitError as error:
@@ -153,8 +153,7 @@ def build_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(request: Request) -> Response:
-        if settings.adapter_root is None:
-            raise ApiError(404, "adapter loading is off; start lorakit serve with --adapter-root DIR", code="not_enabled")
+        adapter_root(settings)
         body = await read_json(request, settings.max_body_bytes)
         name, _ = adapter_fields(body, need_path=False)
         if name not in engine.registry.names():
@@ -165,7 +164,6 @@ def build_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             raise ApiError(400, str(error)) from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
-    app.state.engine, app.state.metrics = engine, metrics
     return app
 
 
@@ -216,10 +214,15 @@ def adapter_fields(body: Any, need_path: bool) -> tuple[str, str]:
     return name, path or ""
 
 
-def inside_root(root: Path | None, path: str) -> Path:
-    """`path` resolved (symlinks followed) and required to stay inside the operator's adapter root."""
-    if root is None:
+def adapter_root(settings: ServeSettings) -> Path:
+    """Where clients may load adapters from; without --adapter-root the load / unload endpoints are off (404)."""
+    if settings.adapter_root is None:
         raise ApiError(404, "adapter loading is off; start lorakit serve with --adapter-root DIR", code="not_enabled")
+    return settings.adapter_root
+
+
+def inside_root(root: Path, path: str) -> Path:
+    """`path` resolved (symlinks followed) and required to stay inside the operator's adapter root."""
     root = root.resolve()
     candidate = Path(path)
     resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
