@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 
 from lorakit.data.formats import BadRecordError
 from lorakit.data.readers import read_records
-from lorakit.data.records import BAD_RECORD_POLICIES, BadRecord, _check_choice, _listing, log
+from lorakit.data.records import BAD_RECORD_POLICIES, BadRecord, bad_listing, check_choice, log, parse_all
 from lorakit.errors import LorakitError
 
 TEXT, TEXT_PAIR, LABEL = "text", "text_pair", "label"
@@ -84,27 +84,19 @@ def load_class_records(path: str | os.PathLike, on_bad_record: str = "skip") -> 
     Raises:
         LorakitError: a missing file, bad records under "error", or no usable record at all.
     """
-    _check_choice("on_bad_record", on_bad_record, BAD_RECORD_POLICIES)
+    check_choice("on_bad_record", on_bad_record, BAD_RECORD_POLICIES)
     raw = read_records(path)
-    records, bad = [], []
-    for item in raw:
-        if item.error is not None:
-            bad.append(BadRecord(item.where, item.error))
-            continue
-        try:
-            records.append(parse_class_record(item.data, item.where))
-        except BadRecordError as err:
-            bad.append(BadRecord(item.where, str(err)))
+    records, bad = parse_all(raw, parse_class_record)
     bad += _mixed_kinds(records)
     if bad and on_bad_record == "error":
-        raise LorakitError(f"{len(bad)} bad classification record(s) in {os.fspath(path)}: {_listing(bad)}; fix them or set on_bad_record=skip")
+        raise LorakitError(f"{len(bad)} bad classification record(s) in {os.fspath(path)}: {bad_listing(bad)}; fix them or set on_bad_record=skip")
     wrong = {b.where for b in bad}
     records = [r for r in records if r.where not in wrong]
     if not records:
-        reason = f"all {len(raw)} record(s) are bad: {_listing(bad)}" if bad else "it holds no records"
+        reason = f"all {len(raw)} record(s) are bad: {bad_listing(bad)}" if bad else "it holds no records"
         raise LorakitError(f"no usable classification records in {os.fspath(path)}: {reason}")
     if bad:
-        log.warning("skipped %d bad classification record(s) of %d in %s: %s", len(bad), len(raw), os.fspath(path), _listing(bad))
+        log.warning("skipped %d bad classification record(s) of %d in %s: %s", len(bad), len(raw), os.fspath(path), bad_listing(bad))
     return ClassRecords(records, bad)
 
 
@@ -181,5 +173,5 @@ class LabelSet:
         unknown = [BadRecord(r.where, f"unknown label {r.label!r}") for r, i in zip(records, ids) if i is None]
         if unknown:
             known = ", ".join(self.names[:8]) if not self.by_id else f"ids 0-{self.num_labels - 1}"
-            raise LorakitError(f"{len(unknown)} record(s) in {source} have labels the classifier does not know ({known}): {_listing(unknown)}")
+            raise LorakitError(f"{len(unknown)} record(s) in {source} have labels the classifier does not know ({known}): {bad_listing(unknown)}")
         return [int(i) for i in ids]  # type: ignore[arg-type]

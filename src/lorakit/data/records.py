@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
 
 from lorakit.data.formats import FORMATS, BadRecordError, Sample, detect_format, parse_record
 from lorakit.data.readers import RawRecord, read_records
 from lorakit.errors import LorakitError
+
+T = TypeVar("T")
 
 log = logging.getLogger("lorakit.data")
 
@@ -51,24 +54,24 @@ def load_records(path: str | os.PathLike, format: str = "auto", on_bad_record: s
         LorakitError: a missing file, an unknown format or policy, bad records under "error",
             or no usable record at all.
     """
-    _check_choice("format", format, FORMATS)
-    _check_choice("on_bad_record", on_bad_record, BAD_RECORD_POLICIES)
+    check_choice("format", format, FORMATS)
+    check_choice("on_bad_record", on_bad_record, BAD_RECORD_POLICIES)
     raw = read_records(path)
     if format == "auto":
         format = _detect(raw, path)
-    samples, bad = _parse_all(raw, format)
+    samples, bad = parse_all(raw, lambda data, where: parse_record(data, where, format))
     name = os.fspath(path)
     if bad and on_bad_record == "error":
-        raise LorakitError(f"{len(bad)} bad record(s) in {name} (format {format}): {_listing(bad)}; fix them or set on_bad_record=skip")
+        raise LorakitError(f"{len(bad)} bad record(s) in {name} (format {format}): {bad_listing(bad)}; fix them or set on_bad_record=skip")
     if not samples:
-        reason = f"all {len(raw)} record(s) are bad: {_listing(bad)}" if bad else "it holds no records"
+        reason = f"all {len(raw)} record(s) are bad: {bad_listing(bad)}" if bad else "it holds no records"
         raise LorakitError(f"no usable training records in {name}: {reason}")
     if bad:
-        log.warning("skipped %d bad record(s) of %d in %s (format %s): %s", len(bad), len(raw), name, format, _listing(bad))
+        log.warning("skipped %d bad record(s) of %d in %s (format %s): %s", len(bad), len(raw), name, format, bad_listing(bad))
     return Records(samples, format, bad)
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise LorakitError(f"{name} {value!r} is unknown; use one of {', '.join(choices)}")
 
@@ -83,19 +86,20 @@ def _detect(raw: list[RawRecord], path: str | os.PathLike) -> str:
         raise LorakitError(f"{os.fspath(path)}: {err}") from None
 
 
-def _parse_all(raw: list[RawRecord], format: str) -> tuple[list[Sample], list[BadRecord]]:
-    samples, bad = [], []
+def parse_all(raw: list[RawRecord], parse: Callable[[Any, str], T]) -> tuple[list[T], list[BadRecord]]:
+    """`parse(data, where)` on every record: the parsed ones, and the bad ones with their locations."""
+    parsed, bad = [], []
     for record in raw:
         if record.error is not None:
             bad.append(BadRecord(record.where, record.error))
             continue
         try:
-            samples.append(parse_record(record.data, record.where, format))
+            parsed.append(parse(record.data, record.where))
         except BadRecordError as err:
             bad.append(BadRecord(record.where, str(err)))
-    return samples, bad
+    return parsed, bad
 
 
-def _listing(bad: list[BadRecord]) -> str:
+def bad_listing(bad: list[BadRecord]) -> str:
     shown = "; ".join(str(b) for b in bad[:SHOWN])
     return shown + (f"; and {len(bad) - SHOWN} more" if len(bad) > SHOWN else "")
