@@ -1,8 +1,8 @@
 """A lean forward pass of a Llama-style decoder over a slot KV cache, for generation.
 
-transformers' modules do the per-token work (embeddings, norms, rotary tables, MLPs, and the q/k/v/o
-projections, which may be LoraLinear layers and so apply each row's adapter); only attention and the
-cache are lorakit's. Rows of a batch are cache slots 0..B-1, so the cache is read as a view, never
+transformers' modules hold the weights and do the small per-token work (embeddings, norms, rotary
+tables); the projections run as fused, prepacked matmuls (infer/packed.py: q/k/v as one, gate/up as
+one) with each LoraLinear adding its rows' adapters; attention and the cache are lorakit's. Rows of a batch are cache slots 0..B-1, so the cache is read as a view, never
 gathered: the engine keeps its running requests in the lowest slots.
 
 Shapes: B rows, T new tokens per row, H query heads, KVH key/value heads (G = H / KVH share one),
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from lorakit.errors import LorakitError
+from lorakit.infer.packed import FusedLinear
 
 
 @dataclass
@@ -77,15 +78,21 @@ def decoder_parts(model: nn.Module) -> nn.Module:
 class SlotDecoder:
     """Prefill and decode steps of one Llama-style causal LM over a SlotCache."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, pack: bool = True) -> None:
+        """`pack=False` runs every projection as its own module (for comparison; packing is used only
+        where it applies, see infer/packed.py)."""
         self.model = model
         self.inner = decoder_parts(model)
         config = model.config
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.head = model.get_output_embeddings()
+        self.head = FusedLinear([model.get_output_embeddings()], pack)
         self.scale = self.head_dim**-0.5
+        attention = [layer.self_attn for layer in self.inner.layers]
+        self.qkv = [FusedLinear([a.q_proj, a.k_proj, a.v_proj], pack) for a in attention]
+        self.o_proj = [FusedLinear([a.o_proj], pack) for a in attention]
+        self.mlp = [_FusedMLP.of(layer.mlp, pack) for layer in self.inner.layers]
 
     def allocate(self, slots: int, length: int) -> SlotCache:
         weight = self.inner.embed_tokens.weight
@@ -106,14 +113,14 @@ class SlotDecoder:
         for index, layer in enumerate(self.inner.layers):
             residual = hidden
             hidden = layer.input_layernorm(hidden)
-            q, k, v = self._qkv(layer.self_attn, hidden, cos, sin)  # (B, H|KVH, T, D)
+            q, k, v = self._qkv(index, hidden, cos, sin)  # (B, H|KVH, T, D)
             cache.keys[index][slots, :, :steps] = k
             cache.values[index][slots, :, :steps] = v
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
-            hidden = residual + layer.self_attn.o_proj(out.transpose(1, 2).reshape(rows, steps, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = residual + self.o_proj[index](out.transpose(1, 2).reshape(rows, steps, -1))[0]
+            hidden = hidden + self.mlp[index](layer.post_attention_layernorm(hidden))
         last = hidden[torch.arange(rows), lengths - 1]  # (B, C)
-        return self.head(self.inner.norm(last))
+        return self.head(self.inner.norm(last))[0]
 
     @torch.inference_mode()
     def decode(self, cache: SlotCache, tokens: torch.Tensor, positions: torch.Tensor, rowwise: bool = False) -> torch.Tensor:
@@ -133,7 +140,7 @@ class SlotDecoder:
         for index, layer in enumerate(self.inner.layers):
             residual = hidden
             hidden = layer.input_layernorm(hidden)
-            q, k, v = self._qkv(layer.self_attn, hidden, cos, sin)  # q (B, H, 1, D), k/v (B, KVH, 1, D)
+            q, k, v = self._qkv(index, hidden, cos, sin)  # q (B, H, 1, D), k/v (B, KVH, 1, D)
             keys, values = cache.keys[index], cache.values[index]
             keys[row_index, :, positions] = k[:, :, 0]
             values[row_index, :, positions] = v[:, :, 0]
@@ -142,18 +149,17 @@ class SlotDecoder:
                                               values[b : b + 1, :, : int(positions[b]) + 1], None) for b in range(rows)])
             else:
                 out = self._attend(q, keys[:rows, :, :span], values[:rows, :, :span], masked)
-            hidden = residual + layer.self_attn.o_proj(out.reshape(rows, 1, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.head(self.inner.norm(hidden[:, 0]))
+            hidden = residual + self.o_proj[index](out.reshape(rows, 1, -1))[0]
+            hidden = hidden + self.mlp[index](layer.post_attention_layernorm(hidden))
+        return self.head(self.inner.norm(hidden[:, 0]))[0]
 
-    def _qkv(self, attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _qkv(self, index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         rows, steps, _ = hidden.shape
-        q = attn.q_proj(hidden).view(rows, steps, -1, self.head_dim)
-        k = attn.k_proj(hidden).view(rows, steps, -1, self.head_dim)
+        q, k, v = (t.view(rows, steps, -1, self.head_dim) for t in self.qkv[index](hidden))
+        attn = self.inner.layers[index].self_attn
         if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms before rotary
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = attn.v_proj(hidden).view(rows, steps, -1, self.head_dim).transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
         return q, k, v
 
@@ -171,3 +177,22 @@ class SlotDecoder:
             scores = scores.view(rows, self.kv_heads, groups, span).masked_fill_(masked, float("-inf")).view_as(scores)
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         return torch.bmm(probs, values).reshape(rows, self.heads, self.head_dim)  # (B, H, D)
+
+
+class _FusedMLP:
+    """A gated MLP (Llama's down(act(gate(x)) * up(x))) with gate and up as one fused matmul; any other
+    MLP runs as its module."""
+
+    def __init__(self, mlp: nn.Module, pack: bool) -> None:
+        self.mlp = mlp
+        self.gate_up = FusedLinear([mlp.gate_proj, mlp.up_proj], pack)
+        self.down = FusedLinear([mlp.down_proj], pack)
+
+    @classmethod
+    def of(cls, mlp: nn.Module, pack: bool) -> _FusedMLP | nn.Module:
+        gated = all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+        return cls(mlp, pack) if gated else mlp
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x)
+        return self.down(self.mlp.act_fn(gate) * up)[0]

@@ -107,7 +107,12 @@ class LoraLinear(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
+        return self.add_lora(self.base_layer(x), x)
+
+    def add_lora(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output `result` for input `x` plus whatever adapters apply: the routed rows'
+        adapters, else the active ones. Split from forward so a caller that computes the base output its
+        own way (the generation engine's fused, prepacked matmuls) adds the same adapter terms."""
         if self.disabled:
             return result
         routing = current_routing()

@@ -1,0 +1,71 @@
+"""Fused, prepacked projections against the modules they stand for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lorakit.infer.decoder import SlotDecoder
+from lorakit.infer.packed import FusedLinear, can_pack
+from lorakit.lora.routing import routed
+from tests.helpers import tiny_lora_model
+
+needs_packing = pytest.mark.skipif(not can_pack([nn.Linear(4, 4, dtype=torch.bfloat16)]),
+                                   reason="this CPU / torch has no oneDNN bf16 (packing is off there by design)")
+
+
+def _close_in_bf16(mine: torch.Tensor, reference: torch.Tensor) -> None:
+    torch.testing.assert_close(mine.float(), reference.float(), atol=0.05 * float(reference.abs().max()), rtol=0.02)
+
+
+@needs_packing
+def test_fused_projections_give_each_module_output_with_routed_adapters() -> None:
+    model = tiny_lora_model(dtype=torch.bfloat16)
+    attn = model.model.model.layers[0].self_attn
+    modules = [attn.q_proj, attn.k_proj, attn.v_proj]
+    fused = FusedLinear(modules)
+    assert fused.packed
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    with torch.inference_mode(), routed(model.routing(["a", "b", {"a": 0.5, "c": 1.0}])):
+        for mine, module in zip(fused(x), modules):
+            _close_in_bf16(mine, module(x))
+
+
+@needs_packing
+def test_packed_weights_follow_in_place_changes_and_biases() -> None:
+    layers = [nn.Linear(16, 8, dtype=torch.bfloat16), nn.Linear(16, 4, bias=False, dtype=torch.bfloat16)]
+    fused = FusedLinear(layers)
+    x = torch.randn(2, 16, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        before = fused(x)
+        with torch.no_grad():
+            layers[0].weight.mul_(-1)  # what a merge does: the same tensor, changed in place
+        after = fused(x)
+        for mine, layer in zip(after, layers):
+            _close_in_bf16(mine, layer(x))
+    assert not torch.allclose(before[0], after[0])
+
+
+def test_fp32_layers_run_as_the_modules_exactly() -> None:
+    layers = [nn.Linear(16, 8), nn.Linear(16, 4)]
+    fused = FusedLinear(layers)
+    assert not fused.packed
+    x = torch.randn(2, 16)
+    for mine, layer in zip(fused(x), layers):
+        assert torch.equal(mine, layer(x))
+
+
+@needs_packing
+def test_packed_decoder_gives_the_unpacked_logits_in_bf16() -> None:
+    model = tiny_lora_model(dtype=torch.bfloat16)
+    packed, plain = SlotDecoder(model.model), SlotDecoder(model.model, pack=False)
+    ids = torch.randint(2, 128, (3, 6), generator=torch.Generator().manual_seed(0))
+    lengths, nxt = torch.tensor([6, 4, 5]), torch.tensor([9, 10, 11])
+    results = []
+    with routed(model.routing(["a", "__base__", {"b": 0.7, "c": 0.3}])):
+        for decoder in (packed, plain):
+            cache = decoder.allocate(3, 16)
+            results.append((decoder.prefill(cache, 0, ids, lengths), decoder.decode(cache, nxt, lengths)))
+    for mine, reference in zip(*results):
+        _close_in_bf16(mine, reference)
