@@ -23,9 +23,8 @@ def _close_in_bf16(mine: torch.Tensor, reference: torch.Tensor) -> None:
 def test_fused_projections_give_each_module_output_with_routed_adapters() -> None:
     model = tiny_lora_model(dtype=torch.bfloat16)
     attn = model.model.model.layers[0].self_attn
+    fused = FusedLinear(attn, ["q_proj", "k_proj", "v_proj"])
     modules = [attn.q_proj, attn.k_proj, attn.v_proj]
-    fused = FusedLinear(modules)
-    assert fused.packed
     x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
     with torch.inference_mode(), routed(model.routing(["a", "b", {"a": 0.5, "c": 1.0}])):
         for mine, module in zip(fused(x), modules):
@@ -34,8 +33,8 @@ def test_fused_projections_give_each_module_output_with_routed_adapters() -> Non
 
 @needs_packing
 def test_packed_weights_follow_in_place_changes_and_biases() -> None:
-    layers = [nn.Linear(16, 8, dtype=torch.bfloat16), nn.Linear(16, 4, bias=False, dtype=torch.bfloat16)]
-    fused = FusedLinear(layers)
+    parent = nn.ModuleDict({"a": nn.Linear(16, 8, dtype=torch.bfloat16), "b": nn.Linear(16, 4, bias=False, dtype=torch.bfloat16)})
+    layers, fused = list(parent.values()), FusedLinear(parent, ["a", "b"])
     x = torch.randn(2, 16, dtype=torch.bfloat16)
     with torch.inference_mode():
         before = fused(x)
@@ -48,9 +47,8 @@ def test_packed_weights_follow_in_place_changes_and_biases() -> None:
 
 
 def test_fp32_layers_run_as_the_modules_exactly() -> None:
-    layers = [nn.Linear(16, 8), nn.Linear(16, 4)]
-    fused = FusedLinear(layers)
-    assert not fused.packed
+    parent = nn.ModuleDict({"a": nn.Linear(16, 8), "b": nn.Linear(16, 4)})
+    layers, fused = list(parent.values()), FusedLinear(parent, ["a", "b"])
     x = torch.randn(2, 16)
     for mine, layer in zip(fused(x), layers):
         assert torch.equal(mine, layer(x))
@@ -69,3 +67,20 @@ def test_packed_decoder_gives_the_unpacked_logits_in_bf16() -> None:
             results.append((decoder.prefill(cache, 0, ids, lengths), decoder.decode(cache, nxt, lengths)))
     for mine, reference in zip(*results):
         _close_in_bf16(mine, reference)
+
+
+@needs_packing
+def test_an_adapter_loaded_after_the_decoder_is_built_is_applied() -> None:
+    from lorakit import LoraConfig, get_peft_model
+    from tests.helpers import make_tiny_llama, randomize_lora_b
+
+    base = make_tiny_llama().to(torch.bfloat16)
+    decoder = SlotDecoder(base)  # q_proj is still a plain nn.Linear here
+    ids, lengths = torch.randint(2, 128, (1, 5), generator=torch.Generator().manual_seed(0)), torch.tensor([5])
+    before = decoder.prefill(decoder.allocate(1, 8), 0, ids, lengths)
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), "a")
+    randomize_lora_b(lora)
+    after = decoder.prefill(decoder.allocate(1, 8), 0, ids, lengths)
+    with torch.inference_mode():
+        _close_in_bf16(after, lora.model(ids).logits[:, -1])
+    assert not torch.allclose(before, after)

@@ -75,6 +75,12 @@ def decoder_parts(model: nn.Module) -> nn.Module:
     return inner
 
 
+def _head_name(model: nn.Module) -> str:
+    """The attribute that holds the output projection (`lm_head` for every Llama-style model)."""
+    head = model.get_output_embeddings()
+    return next(name for name, child in model.named_children() if child is head)
+
+
 class SlotDecoder:
     """Prefill and decode steps of one Llama-style causal LM over a SlotCache."""
 
@@ -87,11 +93,11 @@ class SlotDecoder:
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.head = FusedLinear([model.get_output_embeddings()], pack)
+        self.head = FusedLinear(model, [_head_name(model)], pack)
         self.scale = self.head_dim**-0.5
         attention = [layer.self_attn for layer in self.inner.layers]
-        self.qkv = [FusedLinear([a.q_proj, a.k_proj, a.v_proj], pack) for a in attention]
-        self.o_proj = [FusedLinear([a.o_proj], pack) for a in attention]
+        self.qkv = [FusedLinear(a, ["q_proj", "k_proj", "v_proj"], pack) for a in attention]
+        self.o_proj = [FusedLinear(a, ["o_proj"], pack) for a in attention]
         self.mlp = [_FusedMLP.of(layer.mlp, pack) for layer in self.inner.layers]
 
     def allocate(self, slots: int, length: int) -> SlotCache:
@@ -185,8 +191,8 @@ class _FusedMLP:
 
     def __init__(self, mlp: nn.Module, pack: bool) -> None:
         self.mlp = mlp
-        self.gate_up = FusedLinear([mlp.gate_proj, mlp.up_proj], pack)
-        self.down = FusedLinear([mlp.down_proj], pack)
+        self.gate_up = FusedLinear(mlp, ["gate_proj", "up_proj"], pack)
+        self.down = FusedLinear(mlp, ["down_proj"], pack)
 
     @classmethod
     def of(cls, mlp: nn.Module, pack: bool) -> _FusedMLP | nn.Module:

@@ -37,34 +37,43 @@ def can_pack(modules: Sequence[nn.Module]) -> bool:
 
 
 class FusedLinear:
-    """Linear layers sharing one input, computed together: `fused(x)` returns each module's output."""
+    """Linear layers sharing one input, computed together: `fused(x)` returns each layer's output.
 
-    def __init__(self, modules: Sequence[nn.Module], pack: bool = True) -> None:
-        self.modules = list(modules)
-        self.bases = [_base(m) for m in self.modules]
-        self.sizes = [b.out_features for b in self.bases]
-        self.packed = pack and can_pack(self.modules)
+    The layers are looked up by name on their parent at every call, not held: loading the first
+    adapter replaces an nn.Linear by a LoraLinear around it, and the fused call must see that."""
+
+    def __init__(self, parent: nn.Module, names: Sequence[str], pack: bool = True) -> None:
+        self.parent = parent
+        self.names = list(names)
+        self.pack = pack
         self._weight: torch.Tensor | None = None
         self._bias: torch.Tensor | None = None
+        self._sizes: list[int] = []
         self._key: tuple | None = None
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if not self.packed or x.dtype != torch.bfloat16:
-            return [m(x) for m in self.modules]
-        self._refresh()
+        modules = [getattr(self.parent, name) for name in self.names]
+        if not self.pack or x.dtype != torch.bfloat16 or not self._refresh(modules):
+            return [m(x) for m in modules]
         out = torch.ops.mkldnn._linear_pointwise(x, self._weight, self._bias, "none", [], "")
-        outs = out.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (out,)
-        return [m.add_lora(o, x) if isinstance(m, LoraLinear) else o for m, o in zip(self.modules, outs)]
+        outs = out.split(self._sizes, dim=-1) if len(modules) > 1 else (out,)
+        return [m.add_lora(o, x) if isinstance(m, LoraLinear) else o for m, o in zip(modules, outs)]
 
-    def _refresh(self) -> None:
-        """Pack the weights on first use, and again whenever one of them was changed or replaced."""
-        params = [p for b in self.bases for p in (b.weight, b.bias) if p is not None]
+    def _refresh(self, modules: list[nn.Module]) -> bool:
+        """Pack the weights on first use, and again whenever one of them was changed in place or
+        replaced; False when these layers cannot be packed."""
+        bases = [_base(m) for m in modules]
+        params = [p for b in bases for p in (getattr(b, "weight", None), getattr(b, "bias", None)) if p is not None]
         key = tuple((p.data_ptr(), p._version) for p in params)
         if key == self._key:
-            return
+            return self._weight is not None
+        self._key, self._weight = key, None
+        if not can_pack(modules):
+            return False
         with torch.no_grad():
-            weight = torch.cat([b.weight for b in self.bases]) if len(self.bases) > 1 else self.bases[0].weight
+            weight = torch.cat([b.weight for b in bases]) if len(bases) > 1 else bases[0].weight
             self._weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
-            biases = [b.bias if b.bias is not None else torch.zeros(b.out_features, dtype=b.weight.dtype) for b in self.bases]
-            self._bias = torch.cat(biases) if any(b.bias is not None for b in self.bases) else None
-        self._key = key
+            biases = [b.bias if b.bias is not None else torch.zeros(b.out_features, dtype=b.weight.dtype) for b in bases]
+            self._bias = torch.cat(biases) if any(b.bias is not None for b in bases) else None
+        self._sizes = [b.out_features for b in bases]
+        return True
