@@ -2,17 +2,21 @@
 
 Linear layers that read the same input (q, k, v; gate, up) run as one matmul over their concatenated
 weights, kept in oneDNN's blocked layout (`torch.ops.mkldnn`, what torch.compile's CPU freezing
-uses). On the default model in bf16 this measured 1.3-1.8x faster per matmul than `F.linear` on the
-plain weights, at one row and at sixteen (`bench/generate_throughput.py` reports the whole effect).
-Each layer's adapters are then added onto its slice of the output by LoraLinear itself, so per-row
-routing and mixes behave exactly as in the model's own forward.
+uses): on the default model in bf16 this measured 1.3-1.8x faster per matmul than `F.linear` on the
+plain weights, at one row and at sixteen. Small bf16 matmuls pay a fixed ~10 us each through aten,
+so under per-row routing the adapters' A banks (lora/layer.py: every loaded adapter's A, slot-major)
+join the same fused matmul, and each layer's B bank is one prepacked matmul that adds onto the base
+output in the same call: two calls per adapted layer become none extra and one.
 
-The packed copy costs as much memory as the weights it packs. It is rebuilt when a weight changes in
-place (a merge, a training step), detected from the tensors' version counters. Anything that cannot be
-packed (fp32, quantized or Conv1D layers, a GPU, a torch without oneDNN bf16) runs the modules as they are."""
+The packed copy costs as much memory as the weights it packs. It is rebuilt when a layer is replaced,
+a weight changes in place (a merge, a training step: the tensors' version counters move) or the
+adapter bank changes. Anything that cannot be packed (fp32, quantized or Conv1D layers, a GPU, a torch
+without oneDNN bf16) runs the modules as they are, and so does every case the fast path does not
+cover (no routing, disabled or merged adapters): LoraLinear.add_lora then does what forward would."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -20,6 +24,9 @@ from torch import nn
 
 from lorakit.lora.base_layer import is_quantized
 from lorakit.lora.layer import LoraLinear
+from lorakit.lora.routing import Routing, current_routing
+
+_linear = torch.ops.mkldnn._linear_pointwise
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -36,6 +43,20 @@ def can_pack(modules: Sequence[nn.Module]) -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """A (out, in) bf16 weight in oneDNN's blocked layout, for torch.ops.mkldnn._linear_pointwise."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+
+
+@dataclass
+class _Packed:
+    key: tuple  # what it was built from: layer identities, version counters, bank versions
+    weight: torch.Tensor | None  # None: these layers cannot be packed
+    bias: torch.Tensor | None = None
+    sizes: tuple[int, ...] = ()  # output columns per part: each layer's, then each adapted layer's bank
+    b_banks: tuple[torch.Tensor, ...] = ()  # packed B bank of each adapted layer, in order
+
+
 class FusedLinear:
     """Linear layers sharing one input, computed together: `fused(x)` returns each layer's output.
 
@@ -46,35 +67,92 @@ class FusedLinear:
         self.parent = parent
         self.names = list(names)
         self.pack = pack
-        self._weight: torch.Tensor | None = None
-        self._bias: torch.Tensor | None = None
-        self._sizes: list[int] = []
-        self._packed_from: tuple[list[nn.Module], list[torch.Tensor], tuple[int, ...]] | None = None
+        self._plain: _Packed | None = None  # the base weights alone
+        self._routed: _Packed | None = None  # the base weights and the adapters' A banks
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         modules = [self.parent._modules[name] for name in self.names]  # not getattr: this runs ~150 times a step
-        if not self.pack or x.dtype != torch.bfloat16 or not self._refresh(modules):
+        if not self.pack or x.dtype != torch.bfloat16:
             return [m(x) for m in modules]
-        out = torch.ops.mkldnn._linear_pointwise(x, self._weight, self._bias, "none", [], "")
-        outs = out.split(self._sizes, dim=-1) if len(modules) > 1 else (out,)
+        routing = current_routing()
+        adapted = [m for m in modules if isinstance(m, LoraLinear)]
+        if routing is not None and not routing.base_only and adapted and all(not m.disabled and not m.merged_adapters for m in adapted):
+            packed = self._packed_routed(modules, adapted, routing)
+            if packed.weight is not None:
+                return self._run_routed(x, packed, modules, routing)
+        packed = self._packed_plain(modules)
+        if packed.weight is None:
+            return [m(x) for m in modules]
+        out = _linear(x, packed.weight, packed.bias, "none", [], "")
+        outs = out.split(packed.sizes, dim=-1) if len(modules) > 1 else (out,)
         return [m.add_lora(o, x) if isinstance(m, LoraLinear) else o for m, o in zip(modules, outs)]
 
-    def _refresh(self, modules: list[nn.Module]) -> bool:
-        """Pack the weights on first use, and again whenever a layer was replaced or one of its
-        parameters changed in place (its version counter moved); False when they cannot be packed."""
-        if self._packed_from is not None:
-            seen, params, versions = self._packed_from
-            if all(a is b for a, b in zip(modules, seen)) and versions == tuple(p._version for p in params):
-                return self._weight is not None
+    def _run_routed(self, x: torch.Tensor, packed: _Packed, modules: list[nn.Module], routing: Routing) -> list[torch.Tensor]:
+        """Base outputs and every adapted layer's x A_bank^T from one matmul; then per adapted layer,
+        each row's columns scaled by its mix and B_bank added onto the base output in one call."""
+        parts = _linear(x, packed.weight, packed.bias, "none", [], "").split(packed.sizes, dim=-1)
+        outs, banks = list(parts[: len(modules)]), iter(zip(parts[len(modules):], packed.b_banks))
+        scales = routing.column_scales(torch.bfloat16)  # (B, S*R)
+        scales = scales.view(scales.shape[0], *([1] * (x.dim() - 2)), scales.shape[1])
+        for i, module in enumerate(modules):
+            if isinstance(module, LoraLinear):
+                xa, b_bank = next(banks)
+                outs[i] = torch.ops.mkldnn._linear_pointwise.binary(xa.mul_(scales), outs[i], b_bank, None, "add")
+        return outs
+
+    def _packed_plain(self, modules: list[nn.Module]) -> _Packed:
         bases = [_base(m) for m in modules]
-        params = [p for b in bases for p in (getattr(b, "weight", None), getattr(b, "bias", None)) if p is not None]
-        self._packed_from, self._weight = (modules, params, tuple(p._version for p in params)), None
-        if not can_pack(modules):
-            return False
-        with torch.no_grad():
-            weight = torch.cat([b.weight for b in bases]) if len(bases) > 1 else bases[0].weight
-            self._weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
-            biases = [b.bias if b.bias is not None else torch.zeros(b.out_features, dtype=b.weight.dtype) for b in bases]
-            self._bias = torch.cat(biases) if any(b.bias is not None for b in bases) else None
-        self._sizes = [b.out_features for b in bases]
-        return True
+        params = _params(bases)
+        cached = self._plain
+        if cached is not None and _same(cached.key, modules, params):
+            return cached
+        self._plain = _Packed((modules, params, _versions(params)), None)
+        if can_pack(modules):
+            self._plain = _Packed(self._plain.key, pack(_cat([b.weight for b in bases])), _bias(bases),
+                                  tuple(b.out_features for b in bases))
+        return self._plain
+
+    def _packed_routed(self, modules: list[nn.Module], adapted: list[LoraLinear], routing: Routing) -> _Packed:
+        table = routing.table
+        bases = [_base(m) for m in modules]
+        params = _params(bases)
+        cached = self._routed
+        if cached is not None and _same(cached.key[:3], modules, params) and cached.key[3:] == (table.version, table.weights_version):
+            return cached
+        self._routed = _Packed((modules, params, _versions(params), table.version, table.weights_version), None)
+        if can_pack(modules):
+            banks = [m.bank(routing, torch.bfloat16, bases[0].weight.device) for m in adapted]  # (A (S*R, in), B (out, S*R))
+            weight = _cat([b.weight for b in bases] + [a for a, _ in banks])
+            sizes = tuple(b.out_features for b in bases) + tuple(a.shape[0] for a, _ in banks)
+            self._routed = _Packed(self._routed.key, pack(weight), _bias(bases, extra=sum(a.shape[0] for a, _ in banks)),
+                                   sizes, tuple(pack(b) for _, b in banks))
+        return self._routed
+
+
+def _params(bases: list[nn.Module]) -> list[torch.Tensor]:
+    return [p for b in bases for p in (getattr(b, "weight", None), getattr(b, "bias", None)) if p is not None]
+
+
+def _versions(params: list[torch.Tensor]) -> tuple[int, ...]:
+    return tuple(p._version for p in params)
+
+
+def _same(key: tuple, modules: list[nn.Module], params: list[torch.Tensor]) -> bool:
+    """The packed copy was made from these very layers and tensors, unchanged since."""
+    seen, seen_params, versions = key
+    return (all(a is b for a, b in zip(modules, seen)) and all(a is b for a, b in zip(params, seen_params))
+            and versions == _versions(params))
+
+
+def _cat(weights: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(weights) if len(weights) > 1 else weights[0]
+
+
+def _bias(bases: list[nn.Module], extra: int = 0) -> torch.Tensor | None:
+    """The layers' biases side by side (zeros for a layer without one, and for `extra` bank columns);
+    None when no layer has a bias."""
+    if all(b.bias is None for b in bases):
+        return None
+    dtype = bases[0].weight.dtype
+    parts = [b.bias if b.bias is not None else torch.zeros(b.out_features, dtype=dtype) for b in bases]
+    return torch.cat(parts + [torch.zeros(extra, dtype=dtype)])
