@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,8 @@ from lorakit.lora import arithmetic, merge as merge_ops
 from lorakit.lora.inject import count_parameters, freeze_adapter, inject_adapter, mark_trainable, trainable_report
 from lorakit.lora.layer import LoraLinear, ModulesToSave, adapters_disabled
 from lorakit.lora.routing import BASE, RowSpec, SlotTable, build_routing, routed
+
+_VERSION = operator.attrgetter("_version")  # in-place update counter of a tensor (summed once per routing)
 
 
 class LoraModel(nn.Module):
@@ -71,7 +74,7 @@ class LoraModel(nn.Module):
         epoch = self.__dict__.get("_adapters_epoch", 0)
         if table is not None and table.version == epoch:
             # Tensor versions count in-place updates, so an adapter trained after its bank was built is seen.
-            weights_version = sum(p._version for p in self.__dict__["_lora_params"])
+            weights_version = sum(map(_VERSION, self.__dict__["_lora_params"]))
             if weights_version != table.weights_version:
                 self.__dict__["_slot_table"] = table = dataclasses.replace(table, weights_version=weights_version)
             return table
@@ -83,7 +86,7 @@ class LoraModel(nn.Module):
                 slot_of[name] = next(free)
         width = max((self.peft_config[n].r for n in names), default=1)
         self.__dict__["_lora_params"] = [p for n, p in self.model.named_parameters() if "lora_" in n]
-        weights_version = sum(p._version for p in self.__dict__["_lora_params"])
+        weights_version = sum(map(_VERSION, self.__dict__["_lora_params"]))
         self.__dict__["_slot_table"] = SlotTable(slot_of, epoch, width, weights_version)
         return self.__dict__["_slot_table"]
 
