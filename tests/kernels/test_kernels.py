@@ -7,6 +7,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit.kernels.causal_attention import causal_attention
+from lorakit.kernels.dropout import keep_mask
 from lorakit.kernels.rms_norm import reference_rms_norm, rms_norm
 from lorakit.kernels.swiglu import swiglu
 from lorakit.train.fused import lean_blocks
@@ -74,3 +75,47 @@ def test_causal_attention_matches_sdpa(dtype, tol, heads, kv_heads):
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     for mine, theirs in zip(grads, ref_grads):
         torch.testing.assert_close(mine, theirs, rtol=tol, atol=tol)
+
+
+def test_lean_blocks_swap_dropout_to_the_hash_kernel_in_training_only():
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 8))
+    x = torch.randn(64, 8)
+    with lean_blocks(model) as swapped:
+        assert swapped == 1
+        torch.manual_seed(0)
+        seed = int(torch.randint(-(2**31), 2**31 - 1, ()))  # what the kernel draws first
+        hidden = model[0](x)
+        expected = hidden * keep_mask(hidden.shape, 0.5, seed) * 2
+        torch.manual_seed(0)
+        torch.testing.assert_close(model[1](hidden), expected)
+        model.eval()
+        torch.testing.assert_close(model[1](hidden), hidden)  # eval mode: no dropout at all
+    assert "forward" not in model[1].__dict__
+
+
+def test_dropout_sdpa_is_sdpa_outside_training_and_masks_padding_inside():
+    from torch import nn
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from lorakit.train.attention import dropout_sdpa
+
+    module = nn.Module()
+    module.is_causal = False
+    q, k, v = (torch.randn(2, 3, 6, 8) for _ in range(3))
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    mask[1, :, :, 4:] = False  # the second row's last two tokens are padding
+    expected = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0)[0]
+    torch.manual_seed(0)
+    outside = dropout_sdpa(module, q, k, v, mask, dropout=0.5)[0]  # not a training thread: SDPA itself,
+    torch.manual_seed(0)
+    assert torch.equal(outside, sdpa_attention_forward(module, q, k, v, mask, dropout=0.5)[0])  # its own draws
+    with lean_blocks(module):
+        out = dropout_sdpa(module, q, k, v, mask, dropout=1e-9)[0]  # the math path, nothing dropped
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        v_pad = v.clone()
+        v_pad[1, :, 4:] = 1e6  # padding keys must carry no weight
+        torch.testing.assert_close(dropout_sdpa(module, q, k, v_pad, mask, dropout=1e-9)[0], expected, rtol=1e-5, atol=1e-5)
+        dropped = dropout_sdpa(module, q, k, v, mask, dropout=0.5)[0]
+        assert not torch.allclose(dropped, expected)

@@ -19,6 +19,7 @@ from lorakit.lora.layer import ModulesToSave
 from lorakit.lora.model import get_peft_model
 from lorakit.lora.routing import BASE
 from lorakit.lora.targets import name_matches
+from lorakit.train.attention import register_dropout_sdpa
 from lorakit.models.classifier import load_classifier, load_classifier_tokenizer, read_model_config, resolve_classifier_dir
 from lorakit.tasks import sentiment
 from lorakit.train.classification import SEQ_CLS
@@ -101,7 +102,8 @@ def prepare_run(config: RunConfig, log=print) -> ClassRun:
     eval_examples = tokenize_class(data.eval, data.eval_ids, tokenizer, max_len) if data.eval else []
     log(f"data: {len(train_examples)} train / {len(eval_examples)} eval examples, {data.labels.num_labels} labels "
         f"({', '.join(data.labels.names[:8])}); batches grouped by length, padded per batch")
-    model = load_classifier(config.model.name, data.labels.num_labels, data.labels.id2label, config.model.dtype, tokenizer.pad_token_id)
+    model = load_classifier(config.model.name, data.labels.num_labels, data.labels.id2label, config.model.dtype, tokenizer.pad_token_id,
+                            attn_implementation=register_dropout_sdpa())
     torch.manual_seed(config.train.seed)
     peft_model = get_peft_model(model, _lora_for(model, config))
     if config.train.bf16:  # the head trains in full: fp32 master weights, bf16 compute under autocast

@@ -1,4 +1,5 @@
-"""Swap Llama-family norms and MLPs onto lorakit's memory-lean kernels for training.
+"""Swap Llama-family norms and MLPs onto lorakit's memory-lean kernels, and nn.Dropout onto its fast
+hash-mask dropout (kernels/dropout.py, CPU tensors), for training.
 
 Only modules whose forward is exactly the Llama one are swapped (checked by class name and
 attributes); anything else keeps transformers' code. The swap is scoped to the thread that trains:
@@ -15,6 +16,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from lorakit.kernels.dropout import dropout
 from lorakit.kernels.rms_norm import rms_norm
 from lorakit.kernels.swiglu import swiglu
 
@@ -51,7 +53,21 @@ def _mlp_forward(module: nn.Module, original: Callable) -> Callable:
     return forward
 
 
+def _dropout_forward(module: nn.Module, original: Callable) -> Callable:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not lean_blocks_active() or not module.training or x.device.type != "cpu":
+            return original(x)
+        return dropout(x, module.p)
+
+    return forward
+
+
+_FORWARDS = {"norm": _norm_forward, "mlp": _mlp_forward, "dropout": _dropout_forward}
+
+
 def _swappable(module: nn.Module) -> str | None:
+    if type(module) is nn.Dropout and not module.inplace:
+        return "dropout"
     name = type(module).__name__
     if name in LLAMA_STYLE_NORMS and hasattr(module, "variance_epsilon"):
         return "norm"
@@ -69,7 +85,7 @@ def _install(module: nn.Module, kind: str) -> bool:
             if "forward" in module.__dict__:
                 return False
             original = type(module).forward.__get__(module)
-            module.forward = _norm_forward(module, original) if kind == "norm" else _mlp_forward(module, original)
+            module.forward = _FORWARDS[kind](module, original)
         _users[key] = _users.get(key, 0) + 1
     return True
 
@@ -85,8 +101,8 @@ def _uninstall(module: nn.Module) -> None:
 
 @contextmanager
 def lean_blocks(model: nn.Module) -> Iterator[int]:
-    """Inside the block, this thread's Llama-style norms and SwiGLU MLPs use the lean kernels; yields
-    how many modules were swapped."""
+    """Inside the block, this thread's Llama-style norms, SwiGLU MLPs and dropouts use the lean kernels;
+    yields how many modules were swapped."""
     swapped = [m for m in model.modules() if (kind := _swappable(m)) is not None and _install(m, kind)]
     _local.depth = getattr(_local, "depth", 0) + 1
     try:
