@@ -5,8 +5,8 @@ weights, kept in oneDNN's blocked layout (`torch.ops.mkldnn`, what torch.compile
 uses): on the default model in bf16 this measured 1.3-1.8x faster per matmul than `F.linear` on the
 plain weights, at one row and at sixteen. Small bf16 matmuls pay a fixed ~10 us each through aten,
 so under per-row routing the adapters' A banks (lora/layer.py: every loaded adapter's A, slot-major)
-join the same fused matmul, and each layer's B bank is one prepacked matmul added onto the base
-output (measured faster than oneDNN's fused "binary add" variant at 1 to 16 rows).
+join the same fused matmul, and the group's B banks are one prepacked block-diagonal matmul added
+onto the base outputs: a group of adapted layers costs one extra call, whatever its size.
 
 The packed copy costs as much memory as the weights it packs. It is rebuilt when a layer is replaced,
 a weight changes in place (a merge, a training step: the tensors' version counters move) or the
@@ -53,8 +53,9 @@ class _Packed:
     key: tuple  # what it was built from: layer identities, version counters, bank versions
     weight: torch.Tensor | None  # None: these layers cannot be packed
     bias: torch.Tensor | None = None
-    sizes: tuple[int, ...] = ()  # output columns per part: each layer's, then each adapted layer's bank
-    b_banks: tuple[torch.Tensor, ...] = ()  # packed B bank of each adapted layer, in order
+    sizes: tuple[int, ...] = ()  # output columns of each layer
+    b_banks: torch.Tensor | None = None  # packed (sum of outputs, adapted layers x S*R) block-diagonal B banks
+    adapted: int = 0  # layers with an A bank in the weight (after the base columns)
 
 
 class FusedLinear:
@@ -88,17 +89,15 @@ class FusedLinear:
         return [m.add_lora(o, x) if isinstance(m, LoraLinear) else o for m, o in zip(modules, outs)]
 
     def _run_routed(self, x: torch.Tensor, packed: _Packed, modules: list[nn.Module], routing: Routing) -> list[torch.Tensor]:
-        """Base outputs and every adapted layer's x A_bank^T from one matmul; then per adapted layer,
-        each row's columns scaled by its mix and B_bank added onto the base output in one call."""
-        parts = _linear(x, packed.weight, packed.bias, "none", [], "").split(packed.sizes, dim=-1)
-        outs, banks = list(parts[: len(modules)]), iter(zip(parts[len(modules):], packed.b_banks))
-        scales = routing.column_scales(torch.bfloat16)  # (B, S*R)
-        scales = scales.view(scales.shape[0], *([1] * (x.dim() - 2)), scales.shape[1])
-        for i, module in enumerate(modules):
-            if isinstance(module, LoraLinear):
-                xa, b_bank = next(banks)
-                outs[i] = outs[i].add_(_linear(xa.mul_(scales), b_bank, None, "none", [], ""))
-        return outs
+        """Base outputs and every adapted layer's x A_bank^T from one matmul; each row's bank columns
+        scaled by its mix; all B banks added onto the base outputs by one block-diagonal matmul."""
+        out = _linear(x, packed.weight, packed.bias, "none", [], "")
+        width = sum(packed.sizes)
+        base, xa = out[..., :width], out[..., width:]
+        scales = routing.column_scales(torch.bfloat16)  # (B, S*R), the same for every layer
+        xa.view(*xa.shape[:-1], packed.adapted, scales.shape[1]).mul_(scales.view(scales.shape[0], *([1] * (x.dim() - 1)), scales.shape[1]))
+        base.add_(_linear(xa, packed.b_banks, None, "none", [], ""))
+        return list(base.split(packed.sizes, dim=-1)) if len(modules) > 1 else [base]
 
     def _packed_plain(self, modules: list[nn.Module]) -> _Packed:
         bases = [_base(m) for m in modules]
@@ -121,11 +120,19 @@ class FusedLinear:
             return cached
         self._routed = _Packed((modules, params, _versions(params), table.version, table.weights_version), None)
         if can_pack(modules):
-            banks = [m.bank(routing, torch.bfloat16, bases[0].weight.device) for m in adapted]  # (A (S*R, in), B (out, S*R))
-            weight = _cat([b.weight for b in bases] + [a for a, _ in banks])
-            sizes = tuple(b.out_features for b in bases) + tuple(a.shape[0] for a, _ in banks)
-            self._routed = _Packed(self._routed.key, pack(weight), _bias(bases, extra=sum(a.shape[0] for a, _ in banks)),
-                                   sizes, tuple(pack(b) for _, b in banks))
+            banks = {id(m): m.bank(routing, torch.bfloat16, bases[0].weight.device) for m in adapted}  # A (S*R, in), B (out, S*R)
+            width = next(iter(banks.values()))[0].shape[0]
+            sizes = tuple(b.out_features for b in bases)
+            b_banks = torch.zeros(sum(sizes), width * len(adapted), dtype=torch.bfloat16)
+            row, column = 0, 0
+            for module, size in zip(modules, sizes):
+                if id(module) in banks:
+                    b_banks[row : row + size, column : column + width] = banks[id(module)][1]
+                    column += width
+                row += size
+            weight = _cat([b.weight for b in bases] + [banks[id(m)][0] for m in adapted])
+            self._routed = _Packed(self._routed.key, pack(weight), _bias(bases, extra=width * len(adapted)), sizes,
+                                   pack(b_banks), len(adapted))
         return self._routed
 
 
