@@ -55,6 +55,19 @@ def test_continuous_batching_gives_each_request_its_tokens_alone() -> None:
     assert len({tuple(o.token_ids) for o in together}) > 4  # the adapters and prompts really differ
 
 
+def test_rows_crossing_cache_blocks_keep_their_tokens_and_the_cache_shrinks_after() -> None:
+    eng = engine(max_batch=3, max_len=200)  # the cache grows in 64-position blocks while rows retire and move
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (150, 4, 70, 9, 100, 3)]
+    handles = [eng.submit(p, a, s) for p, a, s in zip(PROMPTS, ADAPTERS, params)]
+    together = [h.result() for h in handles]
+    assert eng.cache.capacity == 192  # grown for the 150-token row ("hello there" + 150 < 192)
+    alone = [eng.generate([p], [a], s)[0] for p, a, s in zip(PROMPTS[:6], ADAPTERS[:6], params)]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    eng.generate(["x"], ["a"], SamplingParams(max_tokens=2))
+    assert eng.cache.capacity == 64  # a short request alone does not attend over the long one's room
+    eng.close()
+
+
 def test_a_short_request_does_not_wait_for_a_long_one() -> None:
     eng = engine(max_batch=2)
     long = eng.submit("a long one", "a", SamplingParams(max_tokens=60))

@@ -56,6 +56,7 @@ class SlotCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
+    @torch.inference_mode()
     def fit(self, length: int, shrink: bool = False) -> None:
         """Make room for `length` positions; with `shrink`, also release blocks when `length` needs at
         most half of the capacity (a long request finished: the short ones must not attend over its room)."""
@@ -69,6 +70,7 @@ class SlotCache:
                 self.values[i] = layer.new_zeros(*layer.shape[:2], wanted, layer.shape[3])
                 self.values[i][:, :, :keep] = layer[:, :, :keep]
 
+    @torch.inference_mode()  # the cache's tensors are made in inference mode (fit runs inside decode)
     def move(self, source: int, target: int, tokens: int) -> None:
         """Copy slot `source`'s first `tokens` positions into slot `target` (compacting the running rows)."""
         for layer in self.keys:

@@ -10,8 +10,9 @@ Who runs the steps: the thread that waits for a result (`handle.result()`, itera
 the engine's own: on a CPU, a second thread issuing torch ops starts a second OpenMP team, and two
 teams on the same cores measured 1.5-2x slower per step than one (`bench/generate_throughput.py`).
 
-Memory is bounded: the KV cache is allocated once (`max_batch` slots of `max_len` tokens); a request
-that finds no free slot waits, and one that can never fit is refused when submitted.
+Memory is bounded: the KV cache holds `max_batch` slots of at most `max_len` positions (its capacity
+follows the longest running request, infer/decoder.py); a request that finds no free slot waits, and
+one that can never fit is refused when submitted.
 
 Batch-invariant mode (`deterministic=True`): a request's tokens do not depend on what else runs.
 Prompts are prefilled one at a time at their exact length, every decode step runs all `max_batch`

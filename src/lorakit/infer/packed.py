@@ -8,7 +8,8 @@ so under per-row routing the adapters' A banks (lora/layer.py: every loaded adap
 join the same fused matmul, and the group's B banks are one prepacked block-diagonal matmul added
 onto the base outputs: a group of adapted layers costs one extra call, whatever its size.
 
-The packed copy costs as much memory as the weights it packs. It is rebuilt when a layer is replaced,
+The packed copies cost memory: the weights they pack once, and the adapted groups (q/k/v, o on the
+default model) once more with their A banks (53 MB on the default model). A copy is rebuilt when a layer is replaced,
 a weight changes in place (a merge, a training step: the tensors' version counters move) or the
 adapter bank changes. Anything that cannot be packed (fp32, quantized or Conv1D layers, a GPU, a torch
 without oneDNN bf16) runs the modules as they are, and so does every case the fast path does not
@@ -95,7 +96,8 @@ class FusedLinear:
         width = sum(packed.sizes)
         base, xa = out[..., :width], out[..., width:]
         scales = routing.column_scales(torch.bfloat16)  # (B, S*R), the same for every layer
-        xa.view(*xa.shape[:-1], packed.adapted, scales.shape[1]).mul_(scales.view(scales.shape[0], *([1] * (x.dim() - 1)), scales.shape[1]))
+        rows, columns = scales.shape
+        xa.view(*xa.shape[:-1], packed.adapted, columns).mul_(scales.view(rows, *[1] * (x.dim() - 1), columns))
         base.add_(_linear(xa, packed.b_banks, None, "none", [], ""))
         return list(base.split(packed.sizes, dim=-1)) if len(modules) > 1 else [base]
 
