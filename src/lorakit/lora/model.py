@@ -67,6 +67,11 @@ class LoraModel(nn.Module):
         self.__dict__["_adapters_epoch"] = self.__dict__.get("_adapters_epoch", 0) + 1
 
     @property
+    def adapters_version(self) -> int:
+        """Changes whenever adapters are added or removed (cheap: no tensor is looked at)."""
+        return self.__dict__.get("_adapters_epoch", 0)
+
+    @property
     def slot_table(self) -> SlotTable:
         """Bank slots of the loaded adapters: stable per name while it stays loaded."""
         names = list(self.peft_config)
