@@ -324,7 +324,7 @@ class Engine:
         A step that admits or retires rows builds a new one, so adapter changes are seen there."""
         if not self.registry.model.peft_config:
             return None
-        key = (tuple(id(r) for r in rows), pad, self.registry.model.adapters_version)
+        key = (tuple(r.handle.id for r in rows), pad, self.registry.model.adapters_version)  # ids never reused
         if self._last_routing is not None and self._last_routing[0] == key:
             return self._last_routing[1]
         specs: list[RowSpec] = [r.mix for r in rows] + [None] * pad
