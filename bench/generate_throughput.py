@@ -178,10 +178,7 @@ def main() -> int:
     print(f"torch threads {torch.get_num_threads()}; default model bf16; {ADAPTERS} adapters r=16 q,k,v,o", flush=True)
     paths = make_adapters(Path(args.adapters_dir))
     tokenizer = load_tokenizer("default")
-    base = load_model("default", dtype=torch.bfloat16)
-    lora = PeftModel.from_pretrained(base, paths["a0"], adapter_name="a0")
-    for name in list(paths)[1:]:
-        lora.load_adapter(paths[name], name)
+    lora = lorakit_model(paths)
     engine = Engine(lora, tokenizer, max_batch=args.concurrency, max_len=1024)
     prompts = [engine.chat_prompt(m) for m in chat_requests(args.requests)]
     adapters = [f"a{i % ADAPTERS}" for i in range(args.requests)]
@@ -189,11 +186,7 @@ def main() -> int:
     engine.generate(prompts[:2], adapters[:2], SamplingParams(max_tokens=4))  # warm-up
 
     print(f"\n{args.requests} requests, {args.concurrency} in flight, {args.new_tokens} new tokens, greedy:", flush=True)
-    rows = {}
-    outs, wall = run_load(engine, prompts, adapters, params, args.concurrency)
-    rows["mixed"] = summarize(f"lorakit, {ADAPTERS} adapters", outs, wall)
-    base_outs, wall = run_load(engine, prompts, [None] * len(prompts), params, args.concurrency)
-    rows["base"] = summarize("lorakit, base only", base_outs, wall)
+    rows, outs = lorakit_loads(engine, prompts, adapters, params, args)
 
     alone = [engine.generate([p], [a], params)[0] for p, a in zip(prompts[:16], adapters[:16])]
     differ = sum(o.token_ids != a.token_ids for o, a in zip(outs[:16], alone))
@@ -202,11 +195,11 @@ def main() -> int:
 
     det = Engine(lora, tokenizer, max_batch=args.concurrency, max_len=1024, deterministic=True)
     det_outs, wall = run_load(det, prompts, adapters, params, args.concurrency)
-    rows["det"] = summarize(f"lorakit batch-invariant mode, {ADAPTERS} adapters", det_outs, wall)
+    det_row = summarize(f"lorakit batch-invariant mode, {ADAPTERS} adapters", det_outs, wall)
     det_alone = [det.generate([p], [a], params)[0] for p, a in zip(prompts[:16], adapters[:16])]
     det_differ = sum(o.token_ids != a.token_ids for o, a in zip(det_outs[:16], det_alone))
     print(f"  batch-invariant mode: {det_differ} of 16 responses differ from the same request run alone; "
-          f"cost {rows['mixed']['tokens/s'] / rows['det']['tokens/s']:.2f}x the default mode's time", flush=True)
+          f"cost {rows['mixed']['tokens/s'] / det_row['tokens/s']:.2f}x the default mode's time", flush=True)
     det.close()
 
     engine = Engine(lora, tokenizer, max_batch=args.concurrency, max_len=1024)
@@ -215,39 +208,84 @@ def main() -> int:
           f"prefill of 16 x 128 tokens {prefill_ratio:.2f}x", flush=True)
 
     print(f"\none stream, {args.single_tokens} new tokens, one adapter:", flush=True)
-    single_params = SamplingParams(max_tokens=args.single_tokens, ignore_eos=True)
-    start = time.perf_counter()
-    single = engine.generate([prompts[0]], ["a0"], single_params)[0]
-    single_rate = single.completion_tokens / (time.perf_counter() - start)
+    rows["single"] = single_stream(engine, prompts[0], args.single_tokens)
     engine.close()
-    weight_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    # The base's weights (the tied embedding / head once); the adapter banks add ~2% on top.
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in lora.model.named_parameters() if "lora_" not in n)
     bandwidth = copy_bandwidth()
     limit = bandwidth / weight_bytes
-    print(f"  lorakit: {single_rate:.1f} tok/s; weights {weight_bytes / 1e6:.0f} MB read per token, copy bandwidth "
-          f"{bandwidth / 1e9:.1f} GB/s -> limit {limit:.0f} tok/s; lorakit at {100 * single_rate / limit:.0f}% of it", flush=True)
+    print(f"  lorakit: {rows['single']:.1f} tok/s; weights {weight_bytes / 1e6:.0f} MB read per token, copy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s -> limit {limit:.0f} tok/s; lorakit at {100 * rows['single'] / limit:.0f}% of it", flush=True)
+    del lora, engine
 
+    peer: dict = {}
     if not args.skip_peft:
-        del lora, base, engine
         model = peft_model(paths, list(paths))
-        mixed = peft_mixed_batch(model, tokenizer, prompts[: args.concurrency], adapters[: args.concurrency], args.new_tokens)
-        print(f"\npeft mixed batch, one generate of {args.concurrency} rows over {ADAPTERS} adapters: {mixed:.1f} tok/s", flush=True)
-        serial = peft_one_at_a_time(model, prompts[: args.peft_serial], adapters[: args.peft_serial], args.new_tokens)
-        print(f"HF generate + peft, one request at a time (set_adapter), {args.peft_serial} requests: {serial:.1f} tok/s", flush=True)
-        one = peft_one_at_a_time(model, prompts[:1], ["a0"], args.single_tokens)
-        print(f"HF generate + peft, one stream of {args.single_tokens} tokens: {one:.1f} tok/s", flush=True)
-        print("\nratios (lorakit / peer):")
-        print(f"  16 streams, {ADAPTERS} adapters: {rows['mixed']['tokens/s'] / mixed:.2f}x peft's mixed batch, "
-              f"{rows['mixed']['tokens/s'] / serial:.2f}x peft one at a time")
-        print(f"  one stream: {single_rate / one:.2f}x HF generate + peft")
+        peer["peft mixed"] = peft_mixed_batch(model, tokenizer, prompts[: args.concurrency], adapters[: args.concurrency], args.new_tokens)
+        print(f"\npeft mixed batch, one generate of {args.concurrency} rows over {ADAPTERS} adapters: {peer['peft mixed']:.1f} tok/s", flush=True)
+        peer["peft serial"] = peft_one_at_a_time(model, prompts[: args.peft_serial], adapters[: args.peft_serial], args.new_tokens)
+        print(f"HF generate + peft, one request at a time (set_adapter), {args.peft_serial} requests: {peer['peft serial']:.1f} tok/s", flush=True)
+        peer["peft single"] = peft_one_at_a_time(model, prompts[:1], ["a0"], args.single_tokens)
+        print(f"HF generate + peft, one stream of {args.single_tokens} tokens: {peer['peft single']:.1f} tok/s", flush=True)
+        del model
 
     if args.vllm_venv:
         sys.path.insert(0, str(Path(__file__).parent))
         from vllm_peer import vllm_rows  # bench/vllm_peer.py: the same load against vLLM-CPU
 
-        peer = vllm_rows(args.vllm_venv, default_model_dir(), paths, chat_requests(args.requests), adapters, args)
-        print(f"  vs vLLM-CPU: {ADAPTERS} adapters {rows['mixed']['tokens/s'] / peer['mixed']['tokens/s']:.2f}x, "
-              f"base {rows['base']['tokens/s'] / peer['base']['tokens/s']:.2f}x, one stream {single_rate / peer['single']:.2f}x")
+        vllm = vllm_rows(args.vllm_venv, default_model_dir(), paths, chat_requests(args.requests), adapters, args)
+        peer.update({"vllm mixed": vllm["mixed"]["tokens/s"], "vllm base": vllm["base"]["tokens/s"], "vllm single": vllm["single"]})
+
+    # The machine's speed drifts over minutes: lorakit runs again after the peers, and every ratio is
+    # given against both of its runs.
+    print("\nlorakit again, after the peers:", flush=True)
+    engine = Engine(lorakit_model(paths), tokenizer, max_batch=args.concurrency, max_len=1024)
+    engine.generate(prompts[:2], adapters[:2], SamplingParams(max_tokens=4))
+    again, _ = lorakit_loads(engine, prompts, adapters, params, args)
+    again["single"] = single_stream(engine, prompts[0], args.single_tokens)
+    print(f"  one stream: {again['single']:.1f} tok/s", flush=True)
+    engine.close()
+    print_ratios(rows, again, peer)
     return 0
+
+
+def lorakit_model(paths: dict[str, Path]) -> PeftModel:
+    lora = PeftModel.from_pretrained(load_model("default", dtype=torch.bfloat16), paths["a0"], adapter_name="a0")
+    for name in list(paths)[1:]:
+        lora.load_adapter(paths[name], name)
+    return lora
+
+
+def lorakit_loads(engine: Engine, prompts, adapters, params, args) -> tuple[dict, list[Completion]]:
+    """The 16-stream load over the 8 adapters, then on the base alone; rows and the adapter run's completions."""
+    rows = {}
+    outs, wall = run_load(engine, prompts, adapters, params, args.concurrency)
+    rows["mixed"] = summarize(f"lorakit, {ADAPTERS} adapters", outs, wall)
+    base_outs, wall = run_load(engine, prompts, [None] * len(prompts), params, args.concurrency)
+    rows["base"] = summarize("lorakit, base only", base_outs, wall)
+    return rows, outs
+
+
+def single_stream(engine: Engine, prompt, tokens: int) -> float:
+    start = time.perf_counter()
+    single = engine.generate([prompt], ["a0"], SamplingParams(max_tokens=tokens, ignore_eos=True))[0]
+    return single.completion_tokens / (time.perf_counter() - start)
+
+
+def print_ratios(first: dict, again: dict, peer: dict) -> None:
+    def both(key: str, peer_key: str) -> str:
+        return f"{first[key] / peer[peer_key]:.2f}x / {again[key] / peer[peer_key]:.2f}x"
+
+    first = {"mixed": first["mixed"]["tokens/s"], "base": first["base"]["tokens/s"], "single": first["single"]}
+    again = {"mixed": again["mixed"]["tokens/s"], "base": again["base"]["tokens/s"], "single": again["single"]}
+    print("\nratios, lorakit / peer (lorakit's run before the peers / after them):")
+    if "peft mixed" in peer:
+        print(f"  16 streams, {ADAPTERS} adapters: {both('mixed', 'peft mixed')} peft's mixed batch, "
+              f"{both('mixed', 'peft serial')} peft one at a time")
+        print(f"  one stream: {both('single', 'peft single')} HF generate + peft")
+    if "vllm mixed" in peer:
+        print(f"  vs vLLM-CPU: {ADAPTERS} adapters {both('mixed', 'vllm mixed')}, base {both('base', 'vllm base')}, "
+              f"one stream {both('single', 'vllm single')}")
 
 
 if __name__ == "__main__":

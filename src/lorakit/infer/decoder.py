@@ -41,9 +41,10 @@ class SlotCache:
     def allocate(cls, layers: int, slots: int, kv_heads: int, length: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device) -> SlotCache:
         """A cache for `slots` sequences of up to `length` positions (the capacity starts at one block)."""
-        capacity = min(length, CAPACITY_STEP)
-        return cls([torch.zeros(slots, kv_heads, head_dim, capacity, dtype=dtype, device=device) for _ in range(layers)],
-                   [torch.zeros(slots, kv_heads, capacity, head_dim, dtype=dtype, device=device) for _ in range(layers)], length)
+        cache = cls([torch.empty(slots, kv_heads, head_dim, 0, dtype=dtype, device=device)] * layers,
+                    [torch.empty(slots, kv_heads, 0, head_dim, dtype=dtype, device=device)] * layers, length)
+        cache.fit(1)
+        return cache
 
     @property
     def slots(self) -> int:
@@ -62,13 +63,21 @@ class SlotCache:
         most half of the capacity (a long request finished: the short ones must not attend over its room)."""
         wanted = min(self.limit, -(-length // CAPACITY_STEP) * CAPACITY_STEP)
         if wanted > self.capacity or (shrink and wanted <= self.capacity // 2):
-            keep = min(wanted, self.capacity)
-            for i, layer in enumerate(self.keys):  # one layer at a time: one layer's copy at most in flight
-                self.keys[i] = layer.new_zeros(*layer.shape[:3], wanted)
-                self.keys[i][..., :keep] = layer[..., :keep]
-            for i, layer in enumerate(self.values):
-                self.values[i] = layer.new_zeros(*layer.shape[:2], wanted, layer.shape[3])
-                self.values[i][:, :, :keep] = layer[:, :, :keep]
+            self._resize(wanted)
+
+    def _resize(self, capacity: int) -> None:
+        """Every layer's keys and values in one new zeroed buffer (one allocation: large enough for the
+        allocator to map it afresh and unmap the old one, so resizing does not fragment the heap)."""
+        slots, kv_heads, head_dim = self.keys[0].shape[:3]
+        block = slots * kv_heads * head_dim * capacity
+        buffer = self.keys[0].new_zeros(2 * len(self.keys) * block)
+        keep = min(capacity, self.capacity)
+        for i in range(len(self.keys)):
+            keys = buffer[2 * i * block : (2 * i + 1) * block].view(slots, kv_heads, head_dim, capacity)
+            values = buffer[(2 * i + 1) * block : (2 * i + 2) * block].view(slots, kv_heads, capacity, head_dim)
+            keys[..., :keep] = self.keys[i][..., :keep]
+            values[:, :, :keep] = self.values[i][:, :, :keep]
+            self.keys[i], self.values[i] = keys, values
 
     @torch.inference_mode()  # the cache's tensors are made in inference mode (fit runs inside decode)
     def move(self, source: int, target: int, tokens: int) -> None:

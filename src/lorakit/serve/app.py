@@ -124,7 +124,11 @@ def build_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             if chat:
                 yield sse(chunk_body(rid, parsed.model, chat, None, None, first=True))
             while True:
-                event = await events.get()
+                event, text = await next_events(events)
+                if text:
+                    yield sse(chunk_body(rid, parsed.model, chat, text, None))
+                if event is None:
+                    continue
                 if isinstance(event, Exception):
                     yield sse(ApiError(500, f"generation failed: {event}", "server_error").body())
                     metrics.request_done(endpoint, 500)
@@ -135,7 +139,6 @@ def build_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                         yield sse(usage_chunk(rid, parsed.model, chat, event.prompt_tokens, event.completion_tokens))
                     metrics.completed(endpoint, event)
                     break
-                yield sse(chunk_body(rid, parsed.model, chat, event, None))
             yield "data: [DONE]\n\n"
         finally:
             handle.cancel()  # a client that disconnects frees its slot at the next step (no-op once finished)
@@ -247,6 +250,20 @@ async def wait_for(request: Request, handle: RequestHandle, events: asyncio.Queu
             raise ApiError(500, f"generation failed: {event}", "server_error")
         if isinstance(event, Completion):
             return event
+
+
+async def next_events(events: asyncio.Queue) -> tuple[Completion | Exception | None, str]:
+    """Wait for the request's next event; text pieces already queued behind it (the client or the loop
+    fell behind the engine) are joined into one chunk, so a busy server sends fewer, larger chunks.
+    Returns (the first event that is not text, or None; the joined text)."""
+    event = await events.get()
+    pieces = []
+    while isinstance(event, str):
+        pieces.append(event)
+        if events.empty():
+            return None, "".join(pieces)
+        event = events.get_nowait()
+    return event, "".join(pieces)
 
 
 def finish(completion: Completion) -> str:
