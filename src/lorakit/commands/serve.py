@@ -42,8 +42,10 @@ def parse_named_dir(spec: str) -> tuple[str, str]:
 
 # libgomp's default spin keeps OpenMP workers busy-waiting between the engine's many small ops, and on a
 # small CPU that starves the HTTP thread: measured here, clients saw first tokens 3-18 s late in one run of
-# two (the engine itself answered within 0.5 s). With 2,000 spins: no stalls in 3 runs, engine 4-7% slower.
-OPENMP_SPIN = ("GOMP_SPINCOUNT", "2000")
+# two (the engine itself answered within 0.5 s). Too short a spin puts workers to sleep between the ops
+# of one step: with 2,000 spins the server ran 17-22% below the in-process engine once the engine got
+# faster; with 20,000 it ran 5-13% below, time to first token p95 0.36 s (bench/serve_throughput.py).
+OPENMP_SPIN = ("GOMP_SPINCOUNT", "20000")
 
 
 def relaunch_with_short_openmp_spin() -> None:
