@@ -122,8 +122,8 @@ def forward_ratio(engine: Engine, rows: int = 16, context: int = 128) -> tuple[f
     for step in (lambda: decoder.decode(cache, ids[:, -1], torch.full((rows,), context)),
                  lambda: decoder.prefill(cache, 0, ids, torch.full((rows,), context))):
         times = {}
-        for label, spec in (("base", None), ("mixed", specs)):
-            with routed(model.routing(spec) if spec else None):
+        for label, spec in (("base", ["__base__"] * rows), ("mixed", specs)):  # "__base__" rows: no adapter at all
+            with routed(model.routing(spec)):
                 times[label] = timed(step, 5)
         ratios.append(times["mixed"] / times["base"])
     return ratios[0], ratios[1]
