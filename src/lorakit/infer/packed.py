@@ -9,9 +9,9 @@ join the same fused matmul, and the group's B banks are one prepacked block-diag
 onto the base outputs: a group of adapted layers costs one extra call, whatever its size.
 
 The packed copies cost memory: the weights they pack once, and the adapted groups (q/k/v, o on the
-default model) once more with their A banks (53 MB on the default model). A copy is rebuilt when a layer is replaced,
-a weight changes in place (a merge, a training step: the tensors' version counters move) or the
-adapter bank changes. Anything that cannot be packed (fp32, quantized or Conv1D layers, a GPU, a torch
+default model) once more with their A banks (53 MB on the default model). A copy is rebuilt when a
+layer is replaced, a weight changes in place (a merge, a training step: the tensors' version counters
+move) or the adapter bank changes. Anything that cannot be packed (fp32, quantized or Conv1D layers, a GPU, a torch
 without oneDNN bf16) runs the modules as they are, and so does every case the fast path does not
 cover (no routing, disabled or merged adapters): LoraLinear.add_lora then does what forward would."""
 
@@ -51,12 +51,19 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Packed:
-    key: tuple  # what it was built from: layer identities, version counters, bank versions
+    source: tuple  # what it was packed from: (layers, their weight / bias tensors, those tensors' versions)
+    bank_version: tuple  # (slot table version, adapter weights version) of the A / B banks; () without banks
     weight: torch.Tensor | None  # None: these layers cannot be packed
     bias: torch.Tensor | None = None
     sizes: tuple[int, ...] = ()  # output columns of each layer
     b_banks: torch.Tensor | None = None  # packed (sum of outputs, adapted layers x S*R) block-diagonal B banks
     adapted: int = 0  # layers with an A bank in the weight (after the base columns)
+
+    def fresh(self, modules: list[nn.Module], params: list[torch.Tensor], bank_version: tuple) -> bool:
+        """Packed from these very layers and tensors, unchanged since, with these banks."""
+        seen, seen_params, versions = self.source
+        return (bank_version == self.bank_version and all(a is b for a, b in zip(modules, seen))
+                and all(a is b for a, b in zip(params, seen_params)) and versions == _versions(params))
 
 
 class FusedLinear:
@@ -79,10 +86,10 @@ class FusedLinear:
         routing = current_routing()
         adapted = [m for m in modules if isinstance(m, LoraLinear)]
         if routing is not None and not routing.base_only and adapted and all(not m.disabled and not m.merged_adapters for m in adapted):
-            packed = self._packed_routed(modules, adapted, routing)
+            self._routed = packed = _packed(self._routed, modules, adapted, routing)
             if packed.weight is not None:
                 return self._run_routed(x, packed, modules, routing)
-        packed = self._packed_plain(modules)
+        self._plain = packed = _packed(self._plain, modules)
         if packed.weight is None:
             return [m(x) for m in modules]
         out = _linear(x, packed.weight, packed.bias, "none", [], "")
@@ -101,41 +108,34 @@ class FusedLinear:
         base.add_(_linear(xa, packed.b_banks, None, "none", [], ""))
         return list(base.split(packed.sizes, dim=-1)) if len(modules) > 1 else [base]
 
-    def _packed_plain(self, modules: list[nn.Module]) -> _Packed:
-        bases = [_base(m) for m in modules]
-        params = _params(bases)
-        cached = self._plain
-        if cached is not None and _same(cached.key, modules, params):
-            return cached
-        self._plain = _Packed((modules, params, _versions(params)), None)
-        if can_pack(modules):
-            self._plain = _Packed(self._plain.key, pack(_cat([b.weight for b in bases])), _bias(bases),
-                                  tuple(b.out_features for b in bases))
-        return self._plain
 
-    def _packed_routed(self, modules: list[nn.Module], adapted: list[LoraLinear], routing: Routing) -> _Packed:
-        table = routing.table
-        bases = [_base(m) for m in modules]
-        params = _params(bases)
-        cached = self._routed
-        if cached is not None and _same(cached.key[:3], modules, params) and cached.key[3:] == (table.version, table.weights_version):
-            return cached
-        self._routed = _Packed((modules, params, _versions(params), table.version, table.weights_version), None)
-        if can_pack(modules):
-            banks = {id(m): m.bank(routing, torch.bfloat16, bases[0].weight.device) for m in adapted}  # A (S*R, in), B (out, S*R)
-            width = next(iter(banks.values()))[0].shape[0]
-            sizes = tuple(b.out_features for b in bases)
-            b_banks = torch.zeros(sum(sizes), width * len(adapted), dtype=torch.bfloat16)
-            row, column = 0, 0
-            for module, size in zip(modules, sizes):
-                if id(module) in banks:
-                    b_banks[row : row + size, column : column + width] = banks[id(module)][1]
-                    column += width
-                row += size
-            weight = _cat([b.weight for b in bases] + [banks[id(m)][0] for m in adapted])
-            self._routed = _Packed(self._routed.key, pack(weight), _bias(bases, extra=width * len(adapted)), sizes,
-                                   pack(b_banks), len(adapted))
-        return self._routed
+def _packed(cached: _Packed | None, modules: list[nn.Module], adapted: Sequence[LoraLinear] = (),
+            routing: Routing | None = None) -> _Packed:
+    """`cached` if still fresh, else the layers packed anew: their weights, then the A bank of each
+    `adapted` layer (under `routing`'s slot table), with the B banks as one block-diagonal matrix."""
+    bases = [_base(m) for m in modules]
+    params = _params(bases)
+    bank_version = (routing.table.version, routing.table.weights_version) if adapted else ()
+    if cached is not None and cached.fresh(modules, params, bank_version):
+        return cached
+    source = (modules, params, _versions(params))
+    if not can_pack(modules):
+        return _Packed(source, bank_version, None)
+    sizes = tuple(b.out_features for b in bases)
+    banks = {id(m): m.bank(routing, torch.bfloat16, bases[0].weight.device) for m in adapted}  # A (S*R, in), B (out, S*R)
+    width = next(iter(banks.values()))[0].shape[0] if banks else 0
+    weight = _cat([b.weight for b in bases] + [banks[id(m)][0] for m in adapted])
+    b_banks = None
+    if banks:
+        b_banks = torch.zeros(sum(sizes), width * len(adapted), dtype=torch.bfloat16)
+        row, column = 0, 0
+        for module, size in zip(modules, sizes):
+            if id(module) in banks:
+                b_banks[row : row + size, column : column + width] = banks[id(module)][1]
+                column += width
+            row += size
+        b_banks = pack(b_banks)
+    return _Packed(source, bank_version, pack(weight), _bias(bases, extra=width * len(adapted)), sizes, b_banks, len(adapted))
 
 
 def _params(bases: list[nn.Module]) -> list[torch.Tensor]:
@@ -144,13 +144,6 @@ def _params(bases: list[nn.Module]) -> list[torch.Tensor]:
 
 def _versions(params: list[torch.Tensor]) -> tuple[int, ...]:
     return tuple(p._version for p in params)
-
-
-def _same(key: tuple, modules: list[nn.Module], params: list[torch.Tensor]) -> bool:
-    """The packed copy was made from these very layers and tensors, unchanged since."""
-    seen, seen_params, versions = key
-    return (all(a is b for a, b in zip(modules, seen)) and all(a is b for a, b in zip(params, seen_params))
-            and versions == _versions(params))
 
 
 def _cat(weights: list[torch.Tensor]) -> torch.Tensor:
