@@ -2,8 +2,9 @@
 
 transformers' modules hold the weights and do the small per-token work (embeddings, norms, rotary
 tables); the projections run as fused, prepacked matmuls (infer/packed.py: q/k/v as one, gate/up as
-one) with each LoraLinear adding its rows' adapters; attention and the cache are lorakit's. Rows of a batch are cache slots 0..B-1, so the cache is read as a view, never
-gathered: the engine keeps its running requests in the lowest slots.
+one) with each LoraLinear adding its rows' adapters; attention and the cache are lorakit's. Rows of a
+batch are cache slots 0..B-1, so the cache is read as a view, never gathered: the engine keeps its
+running requests in the lowest slots.
 
 Shapes: B rows, T new tokens per row, H query heads, KVH key/value heads (G = H / KVH share one),
 D head size, L tokens cached per slot at most."""
@@ -53,9 +54,6 @@ class SlotCache:
     @property
     def capacity(self) -> int:
         return self.values[0].shape[2]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
     @torch.inference_mode()
     def fit(self, length: int, shrink: bool = False) -> None:

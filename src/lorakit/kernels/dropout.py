@@ -13,6 +13,8 @@ Backward: g m / (1 - p), from the saved bool mask (one byte per element, as torc
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _GOLDEN, _MIX1, _MIX2 = -1640531535, -2048144789, -1028477387  # 0x9E3779B1, 0x85EBCA6B, 0xC2B2AE35 as int32
@@ -21,9 +23,7 @@ MAX_ELEMENTS = 2**31 - 1
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """A bool tensor of `shape`, each element True with probability 1 - p, independently of the others."""
-    count = 1
-    for size in shape:
-        count *= size
+    count = math.prod(shape)
     h = torch.arange((count + 1) // 2, dtype=torch.int32, device=device)
     h.mul_(_GOLDEN).add_(seed)  # int32 arithmetic wraps, as the hash wants
     # Logical right shifts on a signed type: shift, then mask off the copied sign bits.

@@ -64,7 +64,7 @@ class LoraModel(nn.Module):
 
     def _adapters_changed(self) -> None:
         """Adapters were added or removed: the next routing builds a new slot table (and layers new banks)."""
-        self.__dict__["_adapters_epoch"] = self.__dict__.get("_adapters_epoch", 0) + 1
+        self.__dict__["_adapters_epoch"] = self.adapters_version + 1
 
     @property
     def adapters_version(self) -> int:
@@ -76,7 +76,7 @@ class LoraModel(nn.Module):
         """Bank slots of the loaded adapters: stable per name while it stays loaded."""
         names = list(self.peft_config)
         table = self.__dict__.get("_slot_table")
-        epoch = self.__dict__.get("_adapters_epoch", 0)
+        epoch = self.adapters_version
         if table is not None and table.version == epoch:
             # Tensor versions count in-place updates, so an adapter trained after its bank was built is seen.
             weights_version = sum(map(_VERSION, self.__dict__["_lora_params"]))

@@ -26,6 +26,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
 from lorakit.kernels.causal_attention import causal_attention
+from lorakit.kernels.dropout import dropout as hash_dropout
+from lorakit.train.fused import lean_blocks_active
 
 PACKED_ATTENTION = "lorakit_packed"
 SEQ_LENS_KWARG = "lorakit_seq_lens"
@@ -160,9 +162,6 @@ def dropout_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                  **kwargs) -> tuple[torch.Tensor, None]:
     """The attention function registered as `DROPOUT_SDPA`: q, k, v (B, H, T, D) -> (B, T, H, D)."""
-    from lorakit.kernels.dropout import dropout as hash_dropout
-    from lorakit.train.fused import lean_blocks_active
-
     if (not dropout or not lean_blocks_active() or query.device.type != "cpu" or key.shape[1] != query.shape[1]
             or getattr(module, "is_causal", False)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
