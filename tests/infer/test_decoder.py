@@ -4,18 +4,32 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from lorakit.errors import LorakitError
-from lorakit.infer.decoder import SlotDecoder, apply_rotary
+from lorakit.infer.decoder import SlotDecoder, rms_norm, rotate, signed_sin
 from tests.helpers import make_tiny_gpt2, make_tiny_llama
 
 
-def test_rotary_matches_transformers() -> None:
-    q, k = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16)
-    cos, sin = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
-    for mine, theirs in zip(apply_rotary(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)):
-        torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_is_bit_equal_to_transformers(dtype: torch.dtype) -> None:
+    q, k = torch.randn(2, 4, 5, 16, dtype=dtype), torch.randn(2, 2, 5, 16, dtype=dtype)
+    cos, sin = torch.randn(2, 5, 16, dtype=dtype), torch.randn(2, 5, 16, dtype=dtype)
+    theirs = apply_rotary_pos_emb(q, k, cos, sin)  # heads before positions: (B, heads, T, D)
+    sin_signed = signed_sin(sin)[:, None]
+    for x, reference in zip((q, k), theirs):
+        assert torch.equal(rotate(x, cos[:, None], sin_signed), reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_bit_equal_to_transformers(dtype: torch.dtype) -> None:
+    norm = LlamaRMSNorm(48, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+    x = (torch.randn(4, 3, 48) * 3).to(dtype)
+    assert torch.equal(rms_norm(norm)(x), norm(x))
+    other = torch.nn.LayerNorm(48)
+    assert rms_norm(other) is other  # anything else runs as its module
 
 
 @pytest.mark.parametrize("rowwise", [False, True])

@@ -1,101 +1,56 @@
 """A lean forward pass of a Llama-style decoder over a slot KV cache, for generation.
 
-transformers' modules hold the weights and do the small per-token work (embeddings, norms, rotary
-tables); the projections run as fused, prepacked matmuls (infer/packed.py: q/k/v as one, gate/up as
-one) with each LoraLinear adding its rows' adapters; attention and the cache are lorakit's. Rows of a
-batch are cache slots 0..B-1, so the cache is read as a view, never gathered: the engine keeps its
-running requests in the lowest slots.
+transformers' modules hold the weights; the projections run as fused, prepacked matmuls (infer/packed.py:
+q/k/v as one, gate/up as one, each row's adapters joined in), resolved once per step rather than
+checked at every call; norms, rotary embedding, attention and the cache are lorakit's, with as few
+tensor operations per layer as the arithmetic allows: at one row a decode step is ~30 layers of small
+ops around bandwidth-bound matmuls, and each op and Python call costs microseconds (this loop took a
+one-row step of the default model from 15.5 to ~12 ms against running transformers' modules).
+Rows of a batch are cache slots 0..B-1, so the cache is read as a view, never gathered: the engine
+keeps its running requests in the lowest slots.
 
 Shapes: B rows, T new tokens per row, H query heads, KVH key/value heads (G = H / KVH share one),
 D head size, L tokens cached per slot at most."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
 from lorakit.errors import LorakitError
-from lorakit.infer.packed import FusedLinear
+from lorakit.infer.cache import SlotCache
+from lorakit.infer.packed import FusedLinear, Projection, Projections
+from lorakit.lora.routing import current_routing
+
+# transformers' RMSNorm classes that compute weight * (x_fp32 * rsqrt(mean(x^2) + eps)).to(dtype)
+_LLAMA_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 
 
-CAPACITY_STEP = 64  # cache positions are added or released in blocks of this many
+def rms_norm(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`module` as a function: for Llama's RMSNorm, the same arithmetic in three ops instead of eight
+    (torch.rms_norm in fp32, equal to transformers' on the default model's activations); any other
+    norm runs as its module."""
+    if type(module).__name__ not in _LLAMA_NORMS:
+        return module
+    shape, eps = tuple(module.weight.shape), module.variance_epsilon
+    return lambda x: torch.rms_norm(x.float(), shape, eps=eps).to(x.dtype) * module.weight
 
 
-@dataclass
-class SlotCache:
-    """Keys and values of `slots` sequences, per layer: keys transposed, (slots, KVH, D, C), values
-    (slots, KVH, C, D), where C, the capacity, follows the longest running sequence in blocks of 64
-    positions, up to `limit`.
-
-    Decode attends over all C positions (masking those past each row's own), so the rows' blocks are
-    contiguous and the batched matmuls read the cache in place: a slice of a larger cache made them
-    copy it first, and keys stored untransposed made q K^T copy too (together ~40% of a 16-row decode
-    step on the default model). Resizing copies the cache once per 64 positions of growth."""
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    limit: int
-
-    @classmethod
-    def allocate(cls, layers: int, slots: int, kv_heads: int, length: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device) -> SlotCache:
-        """A cache for `slots` sequences of up to `length` positions (the capacity starts at one block)."""
-        cache = cls([torch.empty(slots, kv_heads, head_dim, 0, dtype=dtype, device=device)] * layers,
-                    [torch.empty(slots, kv_heads, 0, head_dim, dtype=dtype, device=device)] * layers, length)
-        cache.fit(1)
-        return cache
-
-    @property
-    def slots(self) -> int:
-        return self.keys[0].shape[0]
-
-    @property
-    def capacity(self) -> int:
-        return self.values[0].shape[2]
-
-    @torch.inference_mode()
-    def fit(self, length: int, shrink: bool = False) -> None:
-        """Make room for `length` positions; with `shrink`, also release blocks when `length` needs at
-        most half of the capacity (a long request finished: the short ones must not attend over its room)."""
-        wanted = min(self.limit, -(-length // CAPACITY_STEP) * CAPACITY_STEP)
-        if wanted > self.capacity or (shrink and wanted <= self.capacity // 2):
-            self._resize(wanted)
-
-    def _resize(self, capacity: int) -> None:
-        """Every layer's keys and values in one new zeroed buffer (one allocation: large enough for the
-        allocator to map it afresh and unmap the old one, so resizing does not fragment the heap)."""
-        slots, kv_heads, head_dim = self.keys[0].shape[:3]
-        block = slots * kv_heads * head_dim * capacity
-        buffer = self.keys[0].new_zeros(2 * len(self.keys) * block)
-        keep = min(capacity, self.capacity)
-        for i in range(len(self.keys)):
-            keys = buffer[2 * i * block : (2 * i + 1) * block].view(slots, kv_heads, head_dim, capacity)
-            values = buffer[(2 * i + 1) * block : (2 * i + 2) * block].view(slots, kv_heads, capacity, head_dim)
-            keys[..., :keep] = self.keys[i][..., :keep]
-            values[:, :, :keep] = self.values[i][:, :, :keep]
-            self.keys[i], self.values[i] = keys, values
-
-    @torch.inference_mode()  # the cache's tensors are made in inference mode (fit runs inside decode)
-    def move(self, source: int, target: int, tokens: int) -> None:
-        """Copy slot `source`'s first `tokens` positions into slot `target` (compacting the running rows)."""
-        for layer in self.keys:
-            layer[target, :, :, :tokens] = layer[source, :, :, :tokens]
-        for layer in self.values:
-            layer[target, :, :tokens] = layer[source, :, :tokens]
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: rotate_half(x) * sin == swap_halves(x) * signed_sin(sin)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Llama's rotary embedding (rotate-half form) on (B, heads, T, D), with cos / sin (B, T, D) from the
-    model's own rotary module. Written out here so the engine does not import transformers' modelling code."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Llama's rotary embedding (rotate-half form), x * cos + rotate_half(x) * sin, on (..., D) in four
+    ops: the halves swapped by one flip, the sign carried by `signed_sin`. Bit-equal to transformers'."""
+    *lead, dim = x.shape
+    swapped = x.view(*lead, 2, dim // 2).flip(-2).view(*lead, dim)
+    return x * cos + swapped * sin_signed
 
 
 def decoder_parts(model: nn.Module) -> nn.Module:
@@ -116,6 +71,11 @@ def _head_name(model: nn.Module) -> str:
     return next(name for name, child in model.named_children() if child is head)
 
 
+def _gated(mlp: nn.Module) -> bool:
+    """Llama's down(act(gate(x)) * up(x)); any other MLP runs as its module."""
+    return all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+
+
 class SlotDecoder:
     """Prefill and decode steps of one Llama-style causal LM over a SlotCache."""
 
@@ -128,12 +88,21 @@ class SlotDecoder:
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.head = FusedLinear(model, [_head_name(model)], pack)
         self.scale = self.head_dim**-0.5
-        attention = [layer.self_attn for layer in self.inner.layers]
-        self.qkv = [FusedLinear(a, ["q_proj", "k_proj", "v_proj"], pack) for a in attention]
-        self.o_proj = [FusedLinear(a, ["o_proj"], pack) for a in attention]
-        self.mlp = [_FusedMLP.of(layer.mlp, pack) for layer in self.inner.layers]
+        layers = self.inner.layers
+        self.input_norms = [rms_norm(layer.input_layernorm) for layer in layers]
+        self.post_norms = [rms_norm(layer.post_attention_layernorm) for layer in layers]
+        self.final_norm = rms_norm(self.inner.norm)
+        # Per layer: q/k/v, o, then gate/up and down for gated MLPs; the output head last.
+        self.gated = [_gated(layer.mlp) for layer in layers]
+        self.mlps = [layer.mlp for layer in layers]  # held: module attribute look-ups cost ~1 us each, per layer per step
+        self.qk_norms = [(a.q_norm, a.k_norm) if hasattr(a, "q_norm") else None for a in (layer.self_attn for layer in layers)]
+        groups: list[FusedLinear] = []
+        for layer, gated in zip(layers, self.gated):
+            groups += [FusedLinear(layer.self_attn, ["q_proj", "k_proj", "v_proj"], pack), FusedLinear(layer.self_attn, ["o_proj"], pack)]
+            if gated:
+                groups += [FusedLinear(layer.mlp, ["gate_proj", "up_proj"], pack), FusedLinear(layer.mlp, ["down_proj"], pack)]
+        self.projections = Projections(groups + [FusedLinear(model, [_head_name(model)], pack)])
 
     def allocate(self, slots: int, length: int) -> SlotCache:
         weight = self.inner.embed_tokens.weight
@@ -148,42 +117,34 @@ class SlotDecoder:
         entries are overwritten by the first decoded tokens."""
         rows, steps = input_ids.shape
         cache.fit(steps)
-        positions = torch.arange(steps, device=input_ids.device).expand(rows, steps)
-        hidden = self.inner.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.inner.rotary_emb(hidden, positions)
+        step = self._step(input_ids, torch.arange(steps, device=input_ids.device).expand(rows, steps))
+        hidden = step.hidden
         slots = slice(first_slot, first_slot + rows)
-        for index, layer in enumerate(self.inner.layers):
-            residual = hidden
-            hidden = layer.input_layernorm(hidden)
-            q, k, v = self._qkv(index, hidden, cos, sin)  # (B, H|KVH, T, D)
+        for index in range(len(self.inner.layers)):
+            q, k, v = step.attention_inputs(index, hidden)  # (B, H|KVH, T, D)
             cache.keys[index][slots, :, :, :steps] = k.transpose(2, 3)
             cache.values[index][slots, :, :steps] = v
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
-            hidden = residual + self.o_proj[index](out.transpose(1, 2).reshape(rows, steps, -1))[0]
-            hidden = hidden + self.mlp[index](layer.post_attention_layernorm(hidden))
-        last = hidden[torch.arange(rows), lengths - 1]  # (B, C)
-        return self.head(self.inner.norm(last))[0]
+            hidden = step.finish_layer(index, hidden, out.transpose(1, 2).reshape(rows, steps, -1))
+        return step.logits(hidden[torch.arange(rows), lengths - 1])  # after each prompt's last real token
 
     @torch.inference_mode()
     def decode(self, cache: SlotCache, tokens: torch.Tensor, positions: torch.Tensor, rowwise: bool = False) -> torch.Tensor:
         """One new token for each of the rows in slots 0..B-1, at `positions` (B,); returns (B, V) logits
-        in the model's dtype (greedy argmax needs no fp32 copy: the values are the same).
+        in the model's dtype.
 
         `rowwise` attends row by row over exactly each row's own tokens, so a row's result does not
         depend on the other rows' lengths (the batch-invariant mode)."""
         rows = tokens.shape[0]
         cache.fit(int(positions.max()) + 1, shrink=True)
         span = cache.capacity  # every row attends over the whole capacity, its own future masked
-        hidden = self.inner.embed_tokens(tokens[:, None])  # (B, 1, C)
-        cos, sin = self.inner.rotary_emb(hidden, positions[:, None])
+        step = self._step(tokens[:, None], positions[:, None])
+        hidden = step.hidden
         row_index = torch.arange(rows, device=tokens.device)
         # Keys past a row's own position belong to nobody yet (or to a finished request): masked out.
-        masked = torch.arange(span, device=tokens.device)[None, :] > positions[:, None]  # (B, span)
-        masked = masked[:, None, None, :]  # (B, 1, 1, span)
-        for index, layer in enumerate(self.inner.layers):
-            residual = hidden
-            hidden = layer.input_layernorm(hidden)
-            q, k, v = self._qkv(index, hidden, cos, sin)  # q (B, H, 1, D), k/v (B, KVH, 1, D)
+        masked = (torch.arange(span, device=tokens.device)[None, :] > positions[:, None])[:, None, None, :]  # (B, 1, 1, span)
+        for index in range(len(self.inner.layers)):
+            q, k, v = step.attention_inputs(index, hidden)  # q (B, H, 1, D), k/v (B, KVH, 1, D)
             keys, values = cache.keys[index], cache.values[index]
             keys[row_index, :, :, positions] = k[:, :, 0]
             values[row_index, :, positions] = v[:, :, 0]
@@ -192,19 +153,16 @@ class SlotDecoder:
                                               values[b : b + 1, :, : int(positions[b]) + 1], None) for b in range(rows)])
             else:
                 out = self._attend(q, keys[:rows, :, :, :span], values[:rows, :, :span], masked)
-            hidden = residual + self.o_proj[index](out.reshape(rows, 1, -1))[0]
-            hidden = hidden + self.mlp[index](layer.post_attention_layernorm(hidden))
-        return self.head(self.inner.norm(hidden[:, 0]))[0]
+            hidden = step.finish_layer(index, hidden, out.view(rows, 1, -1))
+        return step.logits(hidden[:, 0])
 
-    def _qkv(self, index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        rows, steps, _ = hidden.shape
-        q, k, v = (t.view(rows, steps, -1, self.head_dim) for t in self.qkv[index](hidden))
-        attn = self.inner.layers[index].self_attn
-        if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms before rotary
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rotary(q, k, cos, sin)
-        return q, k, v
+    def _step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> _Step:
+        hidden = self.inner.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = self.inner.rotary_emb(hidden, positions)  # (B, T, D)
+        routing = current_routing()
+        resolved = self.projections.resolve(routing, hidden.dtype)
+        scales = routing.column_scales(hidden.dtype) if routing is not None and not routing.base_only else None
+        return _Step(self, hidden, cos[:, :, None], signed_sin(sin)[:, :, None], resolved, scales)
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, masked: torch.Tensor | None) -> torch.Tensor:
         """One query per row against its cached keys, (B, KVH, D, span) transposed: (B, H, 1, D) -> (B, H, D).
@@ -223,20 +181,47 @@ class SlotDecoder:
         return torch.bmm(probs, values).reshape(rows, self.heads, self.head_dim)  # (B, H, D)
 
 
-class _FusedMLP:
-    """A gated MLP (Llama's down(act(gate(x)) * up(x))) with gate and up as one fused matmul; any other
-    MLP runs as its module."""
+class _Step:
+    """What the layers of one forward step share: the routing's projections and column scales, the
+    rotary tables; and the per-layer work before and after attention."""
 
-    def __init__(self, mlp: nn.Module, pack: bool) -> None:
-        self.mlp = mlp
-        self.gate_up = FusedLinear(mlp, ["gate_proj", "up_proj"], pack)
-        self.down = FusedLinear(mlp, ["down_proj"], pack)
+    def __init__(self, decoder: SlotDecoder, hidden: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
+                 projections: list[Projection], scales: torch.Tensor | None) -> None:
+        self.decoder, self.hidden, self.cos, self.sin_signed, self.scales = decoder, hidden, cos, sin_signed, scales
+        self.per_layer: list[list[Projection]] = []
+        at = 0
+        for gated in decoder.gated:
+            width = 4 if gated else 2
+            self.per_layer.append(projections[at : at + width])
+            at += width
+        self.head = projections[at]
 
-    @classmethod
-    def of(cls, mlp: nn.Module, pack: bool) -> _FusedMLP | nn.Module:
-        gated = all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
-        return cls(mlp, pack) if gated else mlp
+    def attention_inputs(self, index: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normed hidden (B, T, C) -> rotated q (B, H, T, D), k (B, KVH, T, D) and v (B, KVH, T, D)."""
+        decoder = self.decoder
+        rows, steps, _ = hidden.shape
+        heads, kv_heads, dim = decoder.heads, decoder.kv_heads, decoder.head_dim
+        qkv = self.per_layer[index][0](decoder.input_norms[index](hidden), self.scales)
+        qk = qkv[..., : (heads + kv_heads) * dim].view(rows, steps, heads + kv_heads, dim)
+        v = qkv[..., (heads + kv_heads) * dim :].view(rows, steps, kv_heads, dim)
+        qk_norms = decoder.qk_norms[index]
+        if qk_norms is not None:  # Qwen3-style per-head norms before rotary
+            qk = torch.cat((qk_norms[0](qk[:, :, :heads]), qk_norms[1](qk[:, :, heads:])), dim=2)
+        qk = rotate(qk, self.cos, self.sin_signed)  # q and k heads together
+        return qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2), v.transpose(1, 2)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x)
-        return self.down(self.mlp.act_fn(gate) * up)[0]
+    def finish_layer(self, index: int, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """hidden + o(attended), then the MLP's residual: the layer's output (B, T, C)."""
+        decoder = self.decoder
+        projections = self.per_layer[index]
+        hidden = hidden + projections[1](attended, self.scales)
+        normed = decoder.post_norms[index](hidden)
+        mlp = decoder.mlps[index]
+        if not decoder.gated[index]:
+            return hidden + mlp(normed)
+        gate, up = projections[2](normed, self.scales).chunk(2, dim=-1)
+        return hidden + projections[3](mlp.act_fn(gate) * up, self.scales)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and output head: (B, C) -> (B, V) in the model's dtype."""
+        return self.head(self.decoder.final_norm(hidden), self.scales)

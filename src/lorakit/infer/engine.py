@@ -36,7 +36,8 @@ from lorakit.data.chat import render
 from lorakit.data.formats import Message
 from lorakit.data.templates import has_chat_template
 from lorakit.errors import LorakitError
-from lorakit.infer.decoder import SlotCache, SlotDecoder
+from lorakit.infer.cache import SlotCache
+from lorakit.infer.decoder import SlotDecoder
 from lorakit.infer.registry import AdapterRegistry
 from lorakit.infer.sampling import SamplingParams, new_generator, next_tokens
 from lorakit.infer.text import TextStream

@@ -11,23 +11,32 @@ onto the base outputs: a group of adapted layers costs one extra call, whatever 
 The packed copies cost memory: the weights they pack once, and the adapted groups (q/k/v, o on the
 default model) once more with their A banks (53 MB on the default model). A copy is rebuilt when a
 layer is replaced, a weight changes in place (a merge, a training step: the tensors' version counters
-move) or the adapter bank changes. Anything that cannot be packed (fp32, quantized or Conv1D layers, a GPU, a torch
-without oneDNN bf16) runs the modules as they are, and so does every case the fast path does not
-cover (no routing, disabled or merged adapters): LoraLinear.add_lora then does what forward would."""
+move) or the adapter bank changes. Anything that cannot be packed (fp32, quantized or Conv1D layers, a
+GPU, a torch without oneDNN bf16) runs the modules as they are, and so does every case the fast path
+does not cover (no routing, disabled or merged adapters).
+
+A decode step makes ~120 fused calls; checking each group's freshness at each call cost ~1 ms a step
+on the default model, so `Projections` resolves every group once and re-checks them all at once, from
+flat lists of the layers, their tensors and those tensors' version counters (~0.1 ms)."""
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from lorakit.lora.base_layer import is_quantized
 from lorakit.lora.layer import LoraLinear
-from lorakit.lora.routing import Routing, current_routing
+from lorakit.lora.routing import Routing
 
 _linear = torch.ops.mkldnn._linear_pointwise
+
+# A resolved group: input (..., in) and the routing's column scales (None without routed adapters) to
+# the layers' outputs side by side (..., sum of out features).
+Projection = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -50,27 +59,48 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class _Modules:
+    """The layers run as their modules, outputs side by side."""
+
+    modules: list[nn.Module]
+
+    def __call__(self, x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+        outs = [m(x) for m in self.modules]
+        return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+
+
+@dataclass
 class _Packed:
     source: tuple  # what it was packed from: (layers, their weight / bias tensors, those tensors' versions)
     bank_version: tuple  # (slot table version, adapter weights version) of the A / B banks; () without banks
     weight: torch.Tensor | None  # None: these layers cannot be packed
     bias: torch.Tensor | None = None
-    sizes: tuple[int, ...] = ()  # output columns of each layer
-    b_banks: torch.Tensor | None = None  # packed (sum of outputs, adapted layers x S*R) block-diagonal B banks
+    width: int = 0  # output columns of the layers together
+    b_banks: torch.Tensor | None = None  # packed (width, adapted layers x S*R) block-diagonal B banks
     adapted: int = 0  # layers with an A bank in the weight (after the base columns)
 
     def fresh(self, modules: list[nn.Module], params: list[torch.Tensor], bank_version: tuple) -> bool:
         """Packed from these very layers and tensors, unchanged since, with these banks."""
         seen, seen_params, versions = self.source
-        return (bank_version == self.bank_version and all(a is b for a, b in zip(modules, seen))
-                and all(a is b for a, b in zip(params, seen_params)) and versions == _versions(params))
+        return bank_version == self.bank_version and _same(modules, seen) and _same(params, seen_params) and versions == _versions(params)
+
+    def __call__(self, x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+        """Base outputs (and every adapted layer's x A_bank^T) from one matmul; with banks, each row's
+        bank columns scaled by its mix and all B banks added by one block-diagonal matmul."""
+        out = _linear(x, self.weight, self.bias, "none", [], "")
+        if self.b_banks is None:
+            return out
+        base, xa = out[..., : self.width], out[..., self.width :]
+        rows, columns = scales.shape
+        xa.view(*xa.shape[:-1], self.adapted, columns).mul_(scales.view(rows, *[1] * (x.dim() - 1), columns))
+        return base.add_(_linear(xa, self.b_banks, None, "none", [], ""))
 
 
 class FusedLinear:
-    """Linear layers sharing one input, computed together: `fused(x)` returns each layer's output.
+    """Linear layers sharing one input, computed together; `resolve` gives the function that does it.
 
-    The layers are looked up by name on their parent at every call, not held: loading the first
-    adapter replaces an nn.Linear by a LoraLinear around it, and the fused call must see that."""
+    The layers are looked up by name on their parent, not held: loading the first adapter replaces an
+    nn.Linear by a LoraLinear around it, and the fused call must see that."""
 
     def __init__(self, parent: nn.Module, names: Sequence[str], pack: bool = True) -> None:
         self.parent = parent
@@ -79,34 +109,22 @@ class FusedLinear:
         self._plain: _Packed | None = None  # the base weights alone
         self._routed: _Packed | None = None  # the base weights and the adapters' A banks
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        modules = [self.parent._modules[name] for name in self.names]  # not getattr: this runs ~150 times a step
-        if not self.pack or x.dtype != torch.bfloat16:
-            return [m(x) for m in modules]
-        routing = current_routing()
-        adapted = [m for m in modules if isinstance(m, LoraLinear)]
-        if routing is not None and not routing.base_only and adapted and all(not m.disabled and not m.merged_adapters for m in adapted):
-            self._routed = packed = _packed(self._routed, modules, adapted, routing)
-            if packed.weight is not None:
-                return self._run_routed(x, packed, modules, routing)
-        self._plain = packed = _packed(self._plain, modules)
-        if packed.weight is None:
-            return [m(x) for m in modules]
-        out = _linear(x, packed.weight, packed.bias, "none", [], "")
-        outs = out.split(packed.sizes, dim=-1) if len(modules) > 1 else (out,)
-        return [m.add_lora(o, x) if isinstance(m, LoraLinear) else o for m, o in zip(modules, outs)]
+    def modules(self) -> list[nn.Module]:
+        return [self.parent._modules[name] for name in self.names]
 
-    def _run_routed(self, x: torch.Tensor, packed: _Packed, modules: list[nn.Module], routing: Routing) -> list[torch.Tensor]:
-        """Base outputs and every adapted layer's x A_bank^T from one matmul; each row's bank columns
-        scaled by its mix; all B banks added onto the base outputs by one block-diagonal matmul."""
-        out = _linear(x, packed.weight, packed.bias, "none", [], "")
-        width = sum(packed.sizes)
-        base, xa = out[..., :width], out[..., width:]
-        scales = routing.column_scales(torch.bfloat16)  # (B, S*R), the same for every layer
-        rows, columns = scales.shape
-        xa.view(*xa.shape[:-1], packed.adapted, columns).mul_(scales.view(rows, *[1] * (x.dim() - 1), columns))
-        base.add_(_linear(xa, packed.b_banks, None, "none", [], ""))
-        return list(base.split(packed.sizes, dim=-1)) if len(modules) > 1 else [base]
+    def resolve(self, routing: Routing | None, dtype: torch.dtype) -> Projection:
+        """The layers' outputs for inputs of `dtype` under `routing`: packed where that applies."""
+        modules = self.modules()
+        if not self.pack or dtype != torch.bfloat16:
+            return _Modules(modules)
+        adapted = [m for m in modules if isinstance(m, LoraLinear)]
+        if any(m.disabled or m.merged_adapters for m in adapted) or (adapted and routing is None):
+            return _Modules(modules)  # LoraLinear's own forward applies (or refuses) these cases
+        if adapted and not routing.base_only:
+            self._routed = packed = _packed(self._routed, modules, adapted, routing)
+        else:
+            self._plain = packed = _packed(self._plain, modules)
+        return _Modules(modules) if packed.weight is None else packed
 
 
 def _packed(cached: _Packed | None, modules: list[nn.Module], adapted: Sequence[LoraLinear] = (),
@@ -115,13 +133,13 @@ def _packed(cached: _Packed | None, modules: list[nn.Module], adapted: Sequence[
     `adapted` layer (under `routing`'s slot table), with the B banks as one block-diagonal matrix."""
     bases = [_base(m) for m in modules]
     params = _params(bases)
-    bank_version = (routing.table.version, routing.table.weights_version) if adapted else ()
+    bank_version = bank_version_of(routing) if adapted else ()
     if cached is not None and cached.fresh(modules, params, bank_version):
         return cached
     source = (modules, params, _versions(params))
     if not can_pack(modules):
         return _Packed(source, bank_version, None)
-    sizes = tuple(b.out_features for b in bases)
+    sizes = [b.out_features for b in bases]
     banks = {id(m): m.bank(routing, torch.bfloat16, bases[0].weight.device) for m in adapted}  # A (S*R, in), B (out, S*R)
     width = next(iter(banks.values()))[0].shape[0] if banks else 0
     weight = _cat([b.weight for b in bases] + [banks[id(m)][0] for m in adapted])
@@ -135,11 +153,58 @@ def _packed(cached: _Packed | None, modules: list[nn.Module], adapted: Sequence[
                 column += width
             row += size
         b_banks = pack(b_banks)
-    return _Packed(source, bank_version, pack(weight), _bias(bases, extra=width * len(adapted)), sizes, b_banks, len(adapted))
+    return _Packed(source, bank_version, pack(weight), _bias(bases, extra=width * len(adapted)), sum(sizes), b_banks, len(adapted))
+
+
+def bank_version_of(routing: Routing | None) -> tuple:
+    return (routing.table.version, routing.table.weights_version) if routing is not None else ()
+
+
+class Projections:
+    """Every fused group of a model resolved for one routing, re-resolved only when something they
+    depend on changed: a layer replaced, a weight changed in place, an adapter disabled or merged, the
+    routing's kind (none, base rows only, adapters) or its adapter banks."""
+
+    def __init__(self, groups: Sequence[FusedLinear]) -> None:
+        self.groups = list(groups)
+        self._where = [(g.parent._modules, name) for g in self.groups for name in g.names]  # flat: checked every step
+        self._key: tuple | None = None
+        self._state: tuple = ()
+        self._resolved: list[Projection] = []
+
+    def resolve(self, routing: Routing | None, dtype: torch.dtype) -> list[Projection]:
+        """One Projection per group, in order."""
+        key = (dtype, routing is None, routing is not None and routing.base_only, bank_version_of(routing))
+        if key != self._key or not self._unchanged():
+            self._resolved = [g.resolve(routing, dtype) for g in self.groups]
+            self._key, self._state = key, self._snapshot()
+        return self._resolved
+
+    def _snapshot(self) -> tuple:
+        modules = [children[name] for children, name in self._where]
+        bases = [_base(m) for m in modules]
+        params = _params(bases)
+        lora = [m for m in modules if isinstance(m, LoraLinear)]
+        return modules, bases, params, _versions(params), lora, _lora_flags(lora)
+
+    def _unchanged(self) -> bool:
+        modules, bases, params, versions, lora, flags = self._state
+        now = [children[name] for children, name in self._where]
+        return (_same(now, modules) and _same([_base(m) for m in now], bases) and _same(_params(bases), params)
+                and _versions(params) == versions and _lora_flags(lora) == flags)
+
+
+def _same(these: Sequence, those: Sequence) -> bool:
+    """The very same objects, in order (tensors compare by identity here, never by value)."""
+    return len(these) == len(those) and all(map(operator.is_, these, those))
+
+
+def _lora_flags(layers: list[LoraLinear]) -> list[bool]:
+    return [m.disabled or bool(m.merged_adapters) for m in layers]
 
 
 def _params(bases: list[nn.Module]) -> list[torch.Tensor]:
-    return [p for b in bases for p in (getattr(b, "weight", None), getattr(b, "bias", None)) if p is not None]
+    return [p for b in bases for p in (b._parameters.get("weight"), b._parameters.get("bias")) if p is not None]
 
 
 def _versions(params: list[torch.Tensor]) -> tuple[int, ...]:
