@@ -26,6 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-loras", type=int, default=None, help="adapters held in memory at most (least recently used evicted)")
     parser.add_argument("--max-batch", type=int, default=32, help="requests decoded together (KV cache slots)")
     parser.add_argument("--max-model-len", type=int, default=2048, help="context length per request (prompt + output)")
+    parser.add_argument("--prefix-cache-mb", type=float, default=128,
+                        help="memory for prompt blocks shared between requests (a system prompt's keys and values); 0: off")
     parser.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond the batch before 503")
     parser.add_argument("--deterministic", action="store_true",
                         help="batch-invariant mode: a greedy answer never depends on what else is running (slower)")
@@ -67,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--max-batch", args.max_batch), ("--max-model-len", args.max_model_len), ("--port", args.port)):
         if value < 1:
             raise LorakitError(f"{flag} must be >= 1")
+    if args.prefix_cache_mb < 0:
+        raise LorakitError("--prefix-cache-mb must be >= 0 (0 turns prefix caching off)")
     root = Path(args.adapter_root) if args.adapter_root else None
     if root is not None and not root.is_dir():
         raise LorakitError(f"--adapter-root {root} is not a directory")
@@ -74,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.model)
     name = args.served_model_name or model_dir.name
     engine = Engine(load_model(args.model, dtype=args.dtype), load_tokenizer(args.model), max_batch=args.max_batch,
-                    max_len=args.max_model_len, deterministic=args.deterministic, max_loras=args.max_loras)
+                    max_len=args.max_model_len, deterministic=args.deterministic, max_loras=args.max_loras,
+                    prefix_cache_mb=args.prefix_cache_mb)
     for adapter, directory in adapters:
         engine.registry.load(adapter, directory, pin=True)
     settings = ServeSettings(name, str(model_dir), args.api_key, root, max_waiting=args.max_waiting)

@@ -109,22 +109,31 @@ class SlotDecoder:
         return SlotCache.allocate(len(self.inner.layers), slots, self.kv_heads, length, self.head_dim, weight.dtype, weight.device)
 
     @torch.inference_mode()
-    def prefill(self, cache: SlotCache, first_slot: int, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Run right-padded prompts (B, T) from position 0 into slots first_slot.. first_slot+B-1;
-        returns the logits after each prompt's last real token, (B, V) in the model's dtype.
+    def prefill(self, cache: SlotCache, first_slot: int, input_ids: torch.Tensor, lengths: torch.Tensor,
+                start: int = 0) -> torch.Tensor:
+        """Run right-padded prompts (B, T) into slots first_slot.. first_slot+B-1 from position `start`
+        (positions before it already cached: a shared prefix, infer/prefix.py); returns the logits after
+        each row's last real token (`lengths` counts from `start`), (B, V) in the model's dtype.
 
         Padding sits after each prompt, so causal attention never lets a real token see it; its cache
         entries are overwritten by the first decoded tokens."""
         rows, steps = input_ids.shape
-        cache.fit(steps)
-        step = self._step(input_ids, torch.arange(steps, device=input_ids.device).expand(rows, steps))
+        end = start + steps
+        cache.fit(end)
+        step = self._step(input_ids, torch.arange(start, end, device=input_ids.device).expand(rows, steps))
         hidden = step.hidden
         slots = slice(first_slot, first_slot + rows)
+        # With a cached prefix the queries attend over it too: query t sees positions up to start + t.
+        visible = torch.ones(steps, end, dtype=torch.bool, device=input_ids.device).tril(start) if start else None
         for index in range(len(self.inner.layers)):
             q, k, v = step.attention_inputs(index, hidden)  # (B, H|KVH, T, D)
-            cache.keys[index][slots, :, :, :steps] = k.transpose(2, 3)
-            cache.values[index][slots, :, :steps] = v
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+            keys, values = cache.keys[index], cache.values[index]
+            keys[slots, :, :, start:end] = k.transpose(2, 3)
+            values[slots, :, start:end] = v
+            if start:
+                k, v = keys[slots, :, :, :end].transpose(2, 3), values[slots, :, :end]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=not start,
+                                                 enable_gqa=self.kv_heads != self.heads)
             hidden = step.finish_layer(index, hidden, out.transpose(1, 2).reshape(rows, steps, -1))
         return step.logits(hidden[torch.arange(rows), lengths - 1])  # after each prompt's last real token
 

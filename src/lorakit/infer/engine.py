@@ -38,6 +38,7 @@ from lorakit.data.templates import has_chat_template
 from lorakit.errors import LorakitError
 from lorakit.infer.cache import SlotCache
 from lorakit.infer.decoder import SlotDecoder
+from lorakit.infer.prefix import PrefixCache
 from lorakit.infer.registry import AdapterRegistry
 from lorakit.infer.sampling import SamplingParams, new_generator, next_tokens
 from lorakit.infer.text import TextStream
@@ -126,13 +127,16 @@ class _Row:
     pending: int = -1  # the last sampled token, not yet in the cache
     first_token: float | None = None
     generated: list[int] = field(default_factory=list)
+    prefix_key: tuple = ()  # see Engine._prefix_key
 
 
 class Engine:
     """One base model (with a registry of adapters) serving many generation requests at once."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 32, max_len: int = 2048,
-                 deterministic: bool = False, max_loras: int | None = None) -> None:
+                 deterministic: bool = False, max_loras: int | None = None, prefix_cache_mb: float = 128) -> None:
+        """`prefix_cache_mb`: memory for the keys and values of prompt blocks shared between requests
+        (infer/prefix.py; 0 turns it off; always off in the batch-invariant mode)."""
         self.registry = model if isinstance(model, AdapterRegistry) else AdapterRegistry(model, max_loras)
         self.tokenizer = tokenizer
         self.decoder = SlotDecoder(self.registry.model.model)
@@ -140,6 +144,7 @@ class Engine:
         self.max_len = min(max_len, context)
         self.max_batch = max_batch
         self.deterministic = deterministic
+        self.prefixes = PrefixCache(0 if deterministic else int(prefix_cache_mb * 2**20))
         self.cache: SlotCache = self.decoder.allocate(max_batch, self.max_len)
         self.eos_ids = _eos_ids(self.registry.model.model, tokenizer)
         self.device = self.decoder.inner.embed_tokens.weight.device
@@ -287,18 +292,35 @@ class Engine:
         if self.deterministic:
             for row in new:
                 self._prefill([row])
-        else:
-            self._prefill(new)
+            return
+        by_start: dict[int, list[_Row]] = {}  # rows whose cached prefixes are equally long prefill together
+        for row in new:
+            row.prefix_key = self._prefix_key(row)
+            by_start.setdefault(self.prefixes.cached_length(row.prompt, row.prefix_key), []).append(row)
+        for start, rows in by_start.items():
+            self._prefill(rows, start)
 
-    def _prefill(self, rows: list[_Row]) -> None:
+    def _prefix_key(self, row: _Row) -> tuple:
+        """What a prompt's keys and values depend on besides its tokens: the adapter mix and the adapters' weights."""
+        table = self.registry.model.slot_table
+        return tuple(sorted(row.mix.items())), table.version, table.weights_version
+
+    def _prefill(self, rows: list[_Row], start: int = 0) -> None:
+        """Prefill `rows` into the next free slots; their first `start` prompt tokens come from the prefix cache."""
         first_slot = len(self._running)
-        longest = max(len(r.prompt) for r in rows)
+        for slot, row in enumerate(rows, first_slot):
+            if start:
+                self.prefixes.restore(self.cache, slot, row.prompt, row.prefix_key, start)
+        longest = max(len(r.prompt) for r in rows) - start
         ids = torch.zeros(len(rows), longest, dtype=torch.long)
         for i, row in enumerate(rows):
-            ids[i, : len(row.prompt)] = torch.tensor(row.prompt)
-        lengths = torch.tensor([len(r.prompt) for r in rows])
+            ids[i, : len(row.prompt) - start] = torch.tensor(row.prompt[start:])
+        lengths = torch.tensor([len(r.prompt) - start for r in rows])
         with routed(self._routing(rows)):
-            logits = self.decoder.prefill(self.cache, first_slot, ids.to(self.device), lengths.to(self.device))
+            logits = self.decoder.prefill(self.cache, first_slot, ids.to(self.device), lengths.to(self.device), start)
+        if self.prefixes.max_bytes:
+            for slot, row in enumerate(rows, first_slot):
+                self.prefixes.store(self.cache, slot, row.prompt, row.prefix_key, start)
         self._running.extend(rows)
         now = time.perf_counter()
         for row in rows:  # every length first: accepting a token may retire a row and move another
