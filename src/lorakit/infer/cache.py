@@ -12,14 +12,14 @@ CAPACITY_STEP = 64  # cache positions are added or released in blocks of this ma
 
 @dataclass
 class SlotCache:
-    """Keys and values of `slots` sequences, per layer: keys transposed, (slots, KVH, D, C), values
-    (slots, KVH, C, D), where C, the capacity, follows the longest running sequence in blocks of 64
-    positions, up to `limit`.
+    """Keys and values of `slots` sequences, per layer, each (slots, KVH, C, D), where C, the capacity,
+    follows the longest running sequence in blocks of 64 positions, up to `limit`.
 
     Decode attends over all C positions (masking those past each row's own), so the rows' blocks are
-    contiguous and the batched matmuls read the cache in place: a slice of a larger cache made them
-    copy it first, and keys stored untransposed made q K^T copy too (together ~40% of a 16-row decode
-    step on the default model). Resizing copies the cache once per 64 positions of growth."""
+    contiguous and the batched matmuls read the cache in place (a slice of a larger cache made them
+    copy it first: ~40% of a 16-row decode step on the default model). Scores are computed as K q^T,
+    which reads the keys in this layout as they are and measured 1.3-1.5x faster at 16 rows than
+    q K^T over keys stored transposed. Resizing copies the cache once per 64 positions of growth."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -29,8 +29,8 @@ class SlotCache:
     def allocate(cls, layers: int, slots: int, kv_heads: int, length: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device) -> SlotCache:
         """A cache for `slots` sequences of up to `length` positions (the capacity starts at one block)."""
-        cache = cls([torch.empty(slots, kv_heads, head_dim, 0, dtype=dtype, device=device)] * layers,
-                    [torch.empty(slots, kv_heads, 0, head_dim, dtype=dtype, device=device)] * layers, length)
+        empty = torch.empty(slots, kv_heads, 0, head_dim, dtype=dtype, device=device)
+        cache = cls([empty] * layers, [empty] * layers, length)
         cache.fit(1)
         return cache
 
@@ -40,7 +40,7 @@ class SlotCache:
 
     @property
     def capacity(self) -> int:
-        return self.values[0].shape[2]
+        return self.keys[0].shape[2]
 
     @torch.inference_mode()
     def fit(self, length: int, shrink: bool = False) -> None:
@@ -53,21 +53,17 @@ class SlotCache:
     def _resize(self, capacity: int) -> None:
         """Every layer's keys and values in one new zeroed buffer (one allocation: large enough for the
         allocator to map it afresh and unmap the old one, so resizing does not fragment the heap)."""
-        slots, kv_heads, head_dim = self.keys[0].shape[:3]
-        block = slots * kv_heads * head_dim * capacity
-        buffer = self.keys[0].new_zeros(2 * len(self.keys) * block)
+        slots, kv_heads, _, head_dim = self.keys[0].shape
+        old = self.keys + self.values
+        buffer = self.keys[0].new_zeros(len(old), slots, kv_heads, capacity, head_dim)
         keep = min(capacity, self.capacity)
-        for i in range(len(self.keys)):
-            keys = buffer[2 * i * block : (2 * i + 1) * block].view(slots, kv_heads, head_dim, capacity)
-            values = buffer[(2 * i + 1) * block : (2 * i + 2) * block].view(slots, kv_heads, capacity, head_dim)
-            keys[..., :keep] = self.keys[i][..., :keep]
-            values[:, :, :keep] = self.values[i][:, :, :keep]
-            self.keys[i], self.values[i] = keys, values
+        for new, tensor in zip(buffer, old):
+            new[:, :, :keep] = tensor[:, :, :keep]
+        layers = len(self.keys)
+        self.keys, self.values = list(buffer[:layers]), list(buffer[layers:])
 
     @torch.inference_mode()  # the cache's tensors are made in inference mode (fit runs inside decode)
     def move(self, source: int, target: int, tokens: int) -> None:
         """Copy slot `source`'s first `tokens` positions into slot `target` (compacting the running rows)."""
-        for layer in self.keys:
-            layer[target, :, :, :tokens] = layer[source, :, :, :tokens]
-        for layer in self.values:
+        for layer in self.keys + self.values:
             layer[target, :, :tokens] = layer[source, :, :tokens]

@@ -128,10 +128,10 @@ class SlotDecoder:
         for index in range(len(self.inner.layers)):
             q, k, v = step.attention_inputs(index, hidden)  # (B, H|KVH, T, D)
             keys, values = cache.keys[index], cache.values[index]
-            keys[slots, :, :, start:end] = k.transpose(2, 3)
+            keys[slots, :, start:end] = k
             values[slots, :, start:end] = v
             if start:
-                k, v = keys[slots, :, :, :end].transpose(2, 3), values[slots, :, :end]
+                k, v = keys[slots, :, :end], values[slots, :, :end]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=not start,
                                                  enable_gqa=self.kv_heads != self.heads)
             hidden = step.finish_layer(index, hidden, out.transpose(1, 2).reshape(rows, steps, -1))
@@ -155,13 +155,13 @@ class SlotDecoder:
         for index in range(len(self.inner.layers)):
             q, k, v = step.attention_inputs(index, hidden)  # q (B, H, 1, D), k/v (B, KVH, 1, D)
             keys, values = cache.keys[index], cache.values[index]
-            keys[row_index, :, :, positions] = k[:, :, 0]
+            keys[row_index, :, positions] = k[:, :, 0]
             values[row_index, :, positions] = v[:, :, 0]
             if rowwise:
-                out = torch.cat([self._attend(q[b : b + 1], keys[b : b + 1, :, :, : int(positions[b]) + 1],
+                out = torch.cat([self._attend(q[b : b + 1], keys[b : b + 1, :, : int(positions[b]) + 1],
                                               values[b : b + 1, :, : int(positions[b]) + 1], None) for b in range(rows)])
             else:
-                out = self._attend(q, keys[:rows, :, :, :span], values[:rows, :, :span], masked)
+                out = self._attend(q, keys[:rows, :, :span], values[:rows, :, :span], masked)
             hidden = step.finish_layer(index, hidden, out.view(rows, 1, -1))
         return step.logits(hidden[:, 0])
 
@@ -174,16 +174,16 @@ class SlotDecoder:
         return _Step(self, hidden, cos[:, :, None], signed_sin(sin)[:, :, None], resolved, scales)
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, masked: torch.Tensor | None) -> torch.Tensor:
-        """One query per row against its cached keys, (B, KVH, D, span) transposed: (B, H, 1, D) -> (B, H, D).
-        The G query heads that share a key/value head are stacked as G query rows, so K and V are read
-        once, never repeated."""
-        rows, span = q.shape[0], keys.shape[3]
+        """One query per row against its cached keys and values, (B, KVH, span, D): (B, H, 1, D) -> (B, H, D).
+        The G query heads that share a key/value head are stacked as G query columns, so K and V are
+        read once, never repeated."""
+        rows, span = q.shape[0], keys.shape[2]
         groups = self.heads // self.kv_heads
         q = q.reshape(rows * self.kv_heads, groups, self.head_dim)  # (B*KVH, G, D)
         # Views of the cache, never copies: bmm takes the slot stride as its batch stride.
-        keys = keys.reshape(rows * self.kv_heads, self.head_dim, span)
+        keys = keys.reshape(rows * self.kv_heads, span, self.head_dim)
         values = values.reshape(rows * self.kv_heads, span, self.head_dim)
-        scores = torch.bmm(q, keys).float() * self.scale  # (B*KVH, G, span)
+        scores = torch.bmm(keys, q.transpose(1, 2)).transpose(1, 2).float() * self.scale  # (B*KVH, G, span)
         if masked is not None:
             scores = scores.view(rows, self.kv_heads, groups, span).masked_fill_(masked, float("-inf")).view_as(scores)
         probs = torch.softmax(scores, dim=-1).to(values.dtype)

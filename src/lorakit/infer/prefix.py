@@ -25,7 +25,7 @@ BLOCK = 16  # prompt tokens per cached block
 
 @dataclass
 class _Block:
-    keys: torch.Tensor  # (layers, KVH, D, BLOCK): the cache's transposed layout
+    keys: torch.Tensor  # (layers, KVH, BLOCK, D)
     values: torch.Tensor  # (layers, KVH, BLOCK, D)
 
     @property
@@ -61,7 +61,7 @@ class PrefixCache:
             block = self._blocks[_key(prompt, end, mix)]
             self._blocks.move_to_end(_key(prompt, end, mix))
             for layer, (keys, values) in enumerate(zip(cache.keys, cache.values)):
-                keys[slot, :, :, end - BLOCK : end] = block.keys[layer]
+                keys[slot, :, end - BLOCK : end] = block.keys[layer]
                 values[slot, :, end - BLOCK : end] = block.values[layer]
         self.hits += length
 
@@ -72,7 +72,7 @@ class PrefixCache:
             key = _key(prompt, end, mix)
             if key in self._blocks:
                 continue
-            block = _Block(torch.stack([k[slot, :, :, end - BLOCK : end] for k in cache.keys]),
+            block = _Block(torch.stack([k[slot, :, end - BLOCK : end] for k in cache.keys]),
                            torch.stack([v[slot, :, end - BLOCK : end] for v in cache.values]))
             if block.nbytes > self.max_bytes:
                 return
