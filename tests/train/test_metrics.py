@@ -1,5 +1,6 @@
 """metrics.jsonl (one JSON object per line, cut back to the checkpoint on resume) and loss.png."""
 
+from lorakit.train.loss_plot import draw
 from lorakit.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_losses, read_metrics
 
 
@@ -26,8 +27,11 @@ def test_plot_has_train_and_eval_curves(tmp_path, monkeypatch):
     labels = []
     real_plot = matplotlib.axes.Axes.plot
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, *a, **k: labels.append((k.get("label"), list(a[0]))) or real_plot(self, *a, **k))
-    assert plot_losses(tmp_path) == tmp_path / PLOT_FILE and (tmp_path / PLOT_FILE).stat().st_size > 1000
+    assert draw(tmp_path) == 0 and (tmp_path / PLOT_FILE).stat().st_size > 1000  # in this process, to see the curves
     assert labels == [("train loss", [1, 2, 3, 4, 5, 6]), ("eval loss", [3, 6])]
+    (tmp_path / PLOT_FILE).unlink()
+    assert plot_losses(tmp_path) == tmp_path / PLOT_FILE and (tmp_path / PLOT_FILE).stat().st_size > 1000  # in a child
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([METRICS_FILE, PLOT_FILE])  # no temporary file left
 
 
 def test_no_records_no_plot(tmp_path):

@@ -31,6 +31,10 @@ from lorakit.train.classification import model_inputs
 
 LABELS_FILE = "labels.json"
 
+# Examples per inference batch. On this CPU 64 gave at most ~5% more examples/s than 16 (1,150-1,250
+# a second on the default encoder either way) and raised a training run's peak memory by 11 MB.
+SCORING_BATCH = 16
+
 
 @dataclass
 class ClassScore:
@@ -41,7 +45,7 @@ class ClassScore:
 
 
 @torch.no_grad()
-def predict_proba(model, examples: Sequence[ClassExample], pad_token_id: int, batch_size: int = 64, bf16: bool = True) -> torch.Tensor:
+def predict_proba(model, examples: Sequence[ClassExample], pad_token_id: int, batch_size: int = SCORING_BATCH, bf16: bool = True) -> torch.Tensor:
     """Class probabilities (N, C), fp32, rows in the order of `examples`."""
     was_training = model.training
     model.eval()
@@ -82,7 +86,7 @@ def accuracy_and_macro_f1(predicted: Sequence[int], gold: Sequence[int], num_lab
 
 
 def score_classifier(model: LoraModel, examples: Sequence[ClassExample], records: Sequence[ClassRecord], labels: LabelSet,
-                     pad_token_id: int, wanted: dict[str, str], batch_size: int = 64, bf16: bool = True) -> list[ClassScore]:
+                     pad_token_id: int, wanted: dict[str, str], batch_size: int = SCORING_BATCH, bf16: bool = True) -> list[ClassScore]:
     """Accuracy and macro-F1 of each of `wanted` ({label: adapter name, or BASE for the bare base})."""
     scores = []
     active = model.active_adapter

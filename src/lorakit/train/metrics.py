@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+from lorakit.errors import LorakitError
 from lorakit.io import atomic_write_text
-
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "loss.png"
+from lorakit.train import loss_plot
+from lorakit.train.loss_plot import METRICS_FILE, PLOT_FILE
 
 
 class MetricsLog:
@@ -34,28 +36,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_losses(output_dir: str | Path) -> Path | None:
-    """Train and eval loss against the step, as loss.png beside metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(Path(output_dir) / METRICS_FILE)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    if not train and not evals:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    target = Path(output_dir) / PLOT_FILE
-    fig.savefig(target, dpi=100)
-    plt.close(fig)
-    return target
+    """Train and eval loss against the step, as loss.png beside metrics.jsonl (None: nothing to draw).
+    Drawn by train/loss_plot.py in a child process, so matplotlib never enters a training process."""
+    done = subprocess.run([sys.executable, loss_plot.__file__, str(output_dir)], capture_output=True, text=True)
+    if done.returncode not in (0, 1):
+        raise LorakitError(f"drawing {Path(output_dir) / PLOT_FILE} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return Path(output_dir) / PLOT_FILE if done.returncode == 0 else None
