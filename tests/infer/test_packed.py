@@ -92,3 +92,26 @@ def test_an_adapter_loaded_after_the_decoder_is_built_is_applied() -> None:
     with torch.inference_mode():
         _close_in_bf16(after, lora.model(ids).logits[:, -1])
     assert not torch.allclose(before, after)
+
+
+@needs_packing
+def test_a_long_run_on_one_adapter_switches_to_merged_weights_and_back() -> None:
+    from lorakit.infer.packed import MERGE_AFTER
+
+    model = tiny_lora_model(dtype=torch.bfloat16)
+    decoder = SlotDecoder(model.model)
+    ids, lengths = torch.randint(2, 128, (2, 6), generator=torch.Generator().manual_seed(0)), torch.tensor([6, 6])
+    nxt = torch.tensor([9, 10])
+    qkv = decoder.projections.groups[0]
+    with routed(model.routing(["a", "a"])):
+        cache = decoder.allocate(2, 16)
+        decoder.prefill(cache, 0, ids, lengths)
+        routed_logits = decoder.decode(cache, nxt, lengths)
+        assert qkv._merged is None
+        for _ in range(MERGE_AFTER):
+            merged_logits = decoder.decode(cache, nxt, lengths)
+        assert qkv._merged is not None and decoder.projections._resolved[0] is qkv._merged
+    _close_in_bf16(merged_logits, routed_logits)
+    with routed(model.routing(["a", "b"])):  # rows on two adapters: the banks again
+        decoder.decode(cache, nxt, lengths)
+        assert decoder.projections._resolved[0] is qkv._routed

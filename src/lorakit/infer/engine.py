@@ -14,6 +14,10 @@ Memory is bounded: the KV cache holds `max_batch` slots of at most `max_len` pos
 follows the longest running request, infer/decoder.py); a request that finds no free slot waits, and
 one that can never fit is refused when submitted.
 
+In the default mode a request's bf16 tokens can depend on what else runs and ran: the batch's shape
+changes kernels' rounding, a prompt whose beginning is in the prefix cache (infer/prefix.py) skips its
+prefill, and a long run of rows on one adapter switches to merged weights (infer/packed.py).
+
 Batch-invariant mode (`deterministic=True`): a request's tokens do not depend on what else runs.
 Prompts are prefilled one at a time at their exact length, every decode step runs all `max_batch`
 rows (idle ones padded) so matrix shapes never change, and attention runs row by row over exactly
