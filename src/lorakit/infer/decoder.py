@@ -150,13 +150,17 @@ class SlotDecoder:
         step = self._step(tokens[:, None], positions[:, None])
         hidden = step.hidden
         row_index = torch.arange(rows, device=tokens.device)
+        position = int(positions[0]) if rows == 1 else None
         # Keys past a row's own position belong to nobody yet (or to a finished request): masked out.
         masked = (torch.arange(span, device=tokens.device)[None, :] > positions[:, None])[:, None, None, :]  # (B, 1, 1, span)
         for index in range(len(self.inner.layers)):
             q, k, v = step.attention_inputs(index, hidden)  # q (B, H, 1, D), k/v (B, KVH, 1, D)
             keys, values = cache.keys[index], cache.values[index]
-            keys[row_index, :, positions] = k[:, :, 0]
-            values[row_index, :, positions] = v[:, :, 0]
+            if position is not None:  # one row: a slice copy costs a third of the indexed write
+                keys[0, :, position], values[0, :, position] = k[0, :, 0], v[0, :, 0]
+            else:
+                keys[row_index, :, positions] = k[:, :, 0]
+                values[row_index, :, positions] = v[:, :, 0]
             if rowwise:
                 out = torch.cat([self._attend(q[b : b + 1], keys[b : b + 1, :, : int(positions[b]) + 1],
                                               values[b : b + 1, :, : int(positions[b]) + 1], None) for b in range(rows)])

@@ -40,7 +40,8 @@ Projection = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 def _base(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, LoraLinear) else module
+    """The nn.Linear under a LoraLinear, or the module itself (read from _modules: called ~200 times a step)."""
+    return module._modules.get("base_layer", module) if isinstance(module, LoraLinear) else module
 
 
 def can_pack(modules: Sequence[nn.Module]) -> bool:
