@@ -25,6 +25,8 @@ from lorakit.infer.cache import SlotCache
 from lorakit.infer.packed import FusedLinear, Projection, Projections
 from lorakit.lora.routing import current_routing
 
+SMALL_ATTENTION = 192  # rows x cached positions up to which decode attention runs in fp32 (0.6-0.7 ms a one-row step; a wash at 256)
+
 # transformers' RMSNorm classes that compute weight * (x_fp32 * rsqrt(mean(x^2) + eps)).to(dtype)
 _LLAMA_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 
@@ -187,11 +189,16 @@ class SlotDecoder:
         # Views of the cache, never copies: bmm takes the slot stride as its batch stride.
         keys = keys.reshape(rows * self.kv_heads, span, self.head_dim)
         values = values.reshape(rows * self.kv_heads, span, self.head_dim)
-        scores = torch.bmm(keys, q.transpose(1, 2)).transpose(1, 2).float() * self.scale  # (B*KVH, G, span)
+        if rows * span <= SMALL_ATTENTION:  # fp32 copies and MKL's sgemm beat oneDNN's fixed bf16 cost here
+            scores = torch.bmm(keys.float(), q.float().transpose(1, 2)).transpose(1, 2) * self.scale
+        else:
+            scores = torch.bmm(keys, q.transpose(1, 2)).transpose(1, 2).float() * self.scale  # (B*KVH, G, span)
         if masked is not None:
             scores = scores.view(rows, self.kv_heads, groups, span).masked_fill_(masked, float("-inf")).view_as(scores)
-        probs = torch.softmax(scores, dim=-1).to(values.dtype)
-        return torch.bmm(probs, values).reshape(rows, self.heads, self.head_dim)  # (B, H, D)
+        probs = torch.softmax(scores, dim=-1)
+        if rows * span <= SMALL_ATTENTION:
+            return torch.bmm(probs, values.float()).to(values.dtype).reshape(rows, self.heads, self.head_dim)
+        return torch.bmm(probs.to(values.dtype), values).reshape(rows, self.heads, self.head_dim)  # (B, H, D)
 
 
 class _Step:
