@@ -154,7 +154,8 @@ class SlotDecoder:
         row_index = torch.arange(rows, device=tokens.device)
         position = int(positions[0]) if rows == 1 else None
         # Keys past a row's own position belong to nobody yet (or to a finished request): masked out.
-        masked = (torch.arange(span, device=tokens.device)[None, :] > positions[:, None])[:, None, None, :]  # (B, 1, 1, span)
+        future = torch.arange(span, device=tokens.device)[None, :] > positions[:, None]
+        bias = torch.zeros(rows, 1, 1, span, device=tokens.device).masked_fill_(future[:, None, None], float("-inf"))
         for index in range(len(self.inner.layers)):
             q, k, v = step.attention_inputs(index, hidden)  # q (B, H, 1, D), k/v (B, KVH, 1, D)
             keys, values = cache.keys[index], cache.values[index]
@@ -167,7 +168,7 @@ class SlotDecoder:
                 out = torch.cat([self._attend(q[b : b + 1], keys[b : b + 1, :, : int(positions[b]) + 1],
                                               values[b : b + 1, :, : int(positions[b]) + 1], None) for b in range(rows)])
             else:
-                out = self._attend(q, keys[:rows, :, :span], values[:rows, :, :span], masked)
+                out = self._attend(q, keys[:rows, :, :span], values[:rows, :, :span], bias)
             hidden = step.finish_layer(index, hidden, out.view(rows, 1, -1))
         return step.logits(hidden[:, 0])
 
@@ -179,26 +180,24 @@ class SlotDecoder:
         scales = routing.column_scales(hidden.dtype) if routing is not None and not routing.base_only else None
         return _Step(self, hidden, cos[:, :, None], signed_sin(sin)[:, :, None], resolved, scales)
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, masked: torch.Tensor | None) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """One query per row against its cached keys and values, (B, KVH, span, D): (B, H, 1, D) -> (B, H, D).
-        The G query heads that share a key/value head are stacked as G query columns, so K and V are
-        read once, never repeated."""
+        The G query heads that share a key/value head are stacked as G query rows, so K and V are read
+        once, never repeated. `bias` (B, 1, 1, span): 0, or -inf where a row must not look."""
         rows, span = q.shape[0], keys.shape[2]
         groups = self.heads // self.kv_heads
         q = q.reshape(rows * self.kv_heads, groups, self.head_dim)  # (B*KVH, G, D)
-        # Views of the cache, never copies: bmm takes the slot stride as its batch stride.
+        # Views of the cache, never copies: bmm takes the slot stride as its batch stride and K^T as a view.
         keys = keys.reshape(rows * self.kv_heads, span, self.head_dim)
         values = values.reshape(rows * self.kv_heads, span, self.head_dim)
+        dtype = values.dtype
         if rows * span <= SMALL_ATTENTION:  # fp32 copies and MKL's sgemm beat oneDNN's fixed bf16 cost here
-            scores = torch.bmm(keys.float(), q.float().transpose(1, 2)).transpose(1, 2) * self.scale
-        else:
-            scores = torch.bmm(keys, q.transpose(1, 2)).transpose(1, 2).float() * self.scale  # (B*KVH, G, span)
-        if masked is not None:
-            scores = scores.view(rows, self.kv_heads, groups, span).masked_fill_(masked, float("-inf")).view_as(scores)
-        probs = torch.softmax(scores, dim=-1)
-        if rows * span <= SMALL_ATTENTION:
-            return torch.bmm(probs, values.float()).to(values.dtype).reshape(rows, self.heads, self.head_dim)
-        return torch.bmm(probs.to(values.dtype), values).reshape(rows, self.heads, self.head_dim)  # (B, H, D)
+            q, keys, values = q.float(), keys.float(), values.float()
+        scores = torch.bmm(q, keys.transpose(1, 2)).float().view(rows, self.kv_heads, groups, span).mul_(self.scale)
+        if bias is not None:
+            scores.add_(bias)
+        probs = torch.softmax(scores.view(rows * self.kv_heads, groups, span), dim=-1).to(values.dtype)
+        return torch.bmm(probs, values).to(dtype).reshape(rows, self.heads, self.head_dim)  # (B, H, D)
 
 
 class _Step:
