@@ -115,3 +115,22 @@ def test_a_long_run_on_one_adapter_switches_to_merged_weights_and_back() -> None
     with routed(model.routing(["a", "b"])):  # rows on two adapters: the banks again
         decoder.decode(cache, nxt, lengths)
         assert decoder.projections._resolved[0] is qkv._routed
+
+
+@needs_packing
+def test_base_weights_packed_at_start_stay_packed_when_adapters_wrap_the_layers() -> None:
+    from lorakit import LoraConfig, get_peft_model
+    from tests.helpers import make_tiny_llama
+
+    base = make_tiny_llama().to(torch.bfloat16)
+    decoder = SlotDecoder(base)
+    decoder.projections.warm()
+    qkv = decoder.projections.groups[0]
+    packed = qkv._plain
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), "a")
+    with routed(lora.routing(["__base__"])):
+        assert qkv.resolve(current_routing(), torch.bfloat16) is packed  # not packed again
+    with torch.no_grad():
+        lora.model.model.layers[0].self_attn.q_proj.base_layer.weight.mul_(2)
+    with routed(lora.routing(["__base__"])):
+        assert qkv.resolve(current_routing(), torch.bfloat16) is not packed  # the weight changed: packed again

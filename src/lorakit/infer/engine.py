@@ -144,6 +144,7 @@ class Engine:
         self.registry = model if isinstance(model, AdapterRegistry) else AdapterRegistry(model, max_loras)
         self.tokenizer = tokenizer
         self.decoder = SlotDecoder(self.registry.model.model)
+        self.decoder.projections.warm()
         context = getattr(self.registry.model.config, "max_position_embeddings", max_len)
         self.max_len = min(max_len, context)
         self.max_batch = max_batch

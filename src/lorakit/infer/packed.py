@@ -72,7 +72,7 @@ class _Modules:
 
 @dataclass
 class _Packed:
-    source: tuple  # what it was packed from: (layers, their weight / bias tensors, those tensors' versions)
+    source: tuple  # what it was packed from: (base layers, their weight / bias tensors, those tensors' versions)
     bank_version: tuple  # (slot table version, adapter weights version) of the A / B banks; () without banks
     weight: torch.Tensor | None  # None: these layers cannot be packed
     bias: torch.Tensor | None = None
@@ -80,10 +80,12 @@ class _Packed:
     b_banks: torch.Tensor | None = None  # packed (width, adapted layers x S*R) block-diagonal B banks
     adapted: int = 0  # layers with an A bank in the weight (after the base columns)
 
-    def fresh(self, modules: list[nn.Module], params: list[torch.Tensor], bank_version: tuple) -> bool:
-        """Packed from these very layers and tensors, unchanged since, with these banks."""
+    def fresh(self, bases: list[nn.Module], params: list[torch.Tensor], bank_version: tuple) -> bool:
+        """Packed from these very base layers and tensors, unchanged since, with these banks. (Base
+        layers, not the modules around them: wrapping a layer in a LoraLinear leaves its weights as they
+        were, and any change to its adapters moves the bank version.)"""
         seen, seen_params, versions = self.source
-        return bank_version == self.bank_version and _same(modules, seen) and _same(params, seen_params) and versions == _versions(params)
+        return bank_version == self.bank_version and _same(bases, seen) and _same(params, seen_params) and versions == _versions(params)
 
     def __call__(self, x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
         """Base outputs (and every adapted layer's x A_bank^T) from one matmul; with banks, each row's
@@ -114,6 +116,13 @@ class FusedLinear:
     def modules(self) -> list[nn.Module]:
         return [self.parent._modules[name] for name in self.names]
 
+    def warm(self) -> None:
+        """Pack the base weights now rather than at the first batch that needs them: a server's memory
+        is then taken at start-up, not in the middle of serving (53 MB for q/k/v and o of the default
+        model, first needed when a batch happens to hold only base rows)."""
+        if self.pack:
+            self._plain = _packed(self._plain, self.modules())
+
     def resolve(self, routing: Routing | None, dtype: torch.dtype, merge: bool = False) -> Projection:
         """The layers' outputs for inputs of `dtype` under `routing`: packed where that applies. With
         `merge` (every row on routing.single_slot's adapter at scale 1), that adapter merged into a copy
@@ -141,9 +150,9 @@ def _packed(cached: _Packed | None, modules: list[nn.Module], adapted: Sequence[
     bases = [_base(m) for m in modules]
     params = _params(bases)
     bank_version = (*bank_version_of(routing), routing.single_slot if merge else 0) if adapted else ()
-    if cached is not None and cached.fresh(modules, params, bank_version):
+    if cached is not None and cached.fresh(bases, params, bank_version):
         return cached
-    source = (modules, params, _versions(params))
+    source = (bases, params, _versions(params))
     if not can_pack(modules):
         return _Packed(source, bank_version, None)
     sizes = [b.out_features for b in bases]
@@ -201,6 +210,10 @@ class Projections:
         self._state: tuple = ()
         self._streak: tuple[Routing | None, int] = (None, 0)  # (a single-adapter routing, steps in a row under it)
         self._resolved: list[Projection] = []
+
+    def warm(self) -> None:
+        for group in self.groups:
+            group.warm()
 
     def resolve(self, routing: Routing | None, dtype: torch.dtype) -> list[Projection]:
         """One Projection per group, in order."""
