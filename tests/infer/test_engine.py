@@ -158,3 +158,13 @@ def test_registry_changes_wait_for_the_step_in_flight(tmp_path) -> None:
     late = eng.submit("late", "b2", SamplingParams(max_tokens=5)).result()
     assert running.result().completion_tokens >= 1 and late.completion_tokens >= 1
     eng.close()
+
+
+def test_prefills_run_at_a_few_padded_lengths_within_the_context() -> None:
+    from lorakit.infer.engine import prefill_length
+
+    assert [prefill_length(n) for n in (1, 2, 3, 5, 9, 16, 17, 33, 48, 49)] == [1, 2, 4, 8, 16, 16, 32, 48, 48, 64]
+    eng = engine(max_batch=2, max_len=40)
+    prompt = [5 + i % 50 for i in range(38)]  # padded to 48 it would pass the context: clamped to 40
+    alone = eng.generate([prompt], ["a"], SamplingParams(max_tokens=1))[0]
+    assert alone.finish_reason == "length" and len(alone.token_ids) == 1

