@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lorakit.infer.decoder import SlotDecoder
-from lorakit.infer.engine import Engine
+from lorakit.infer.engine import Engine, prefix_key
 from lorakit.infer.prefix import BLOCK, PrefixCache
 from lorakit.infer.sampling import SamplingParams
 from lorakit.lora.routing import routed
@@ -44,12 +44,12 @@ def test_cached_blocks_belong_to_one_adapter_mix_and_its_weights() -> None:
     eng = Engine(model, ToyTokenizer(), max_batch=2, max_len=96)
     prompt = ToyTokenizer().encode(SHARED + "red?")
     eng.generate([prompt], ["a"], SamplingParams(max_tokens=2))
-    row = type("Row", (), {"mix": {"a": 1.0}})
-    assert eng.prefixes.cached_length(prompt, eng._prefix_key(row)) >= 2 * BLOCK
-    assert eng.prefixes.cached_length(prompt, eng._prefix_key(type("Row", (), {"mix": {"b": 1.0}}))) == 0
+    key = lambda mix: prefix_key(mix, model.slot_table)  # noqa: E731  (read anew: the table follows the weights)
+    assert eng.prefixes.cached_length(prompt, key({"a": 1.0})) >= 2 * BLOCK
+    assert eng.prefixes.cached_length(prompt, key({"b": 1.0})) == 0
     with torch.no_grad():  # the adapter is trained further in place: its old blocks must not match
         model.model.model.layers[0].self_attn.q_proj.lora_A["a"].weight.add_(0.1)
-    assert eng.prefixes.cached_length(prompt, eng._prefix_key(row)) == 0
+    assert eng.prefixes.cached_length(prompt, key({"a": 1.0})) == 0
 
 
 def test_the_cache_stays_within_its_bytes_evicting_the_least_recently_used() -> None:
@@ -62,7 +62,7 @@ def test_the_cache_stays_within_its_bytes_evicting_the_least_recently_used() -> 
     for prompt in prompts:
         eng.generate([prompt], ["a"], SamplingParams(max_tokens=1))
         assert eng.prefixes.nbytes <= 2 * per_prompt
-    key = eng._prefix_key(type("Row", (), {"mix": {"a": 1.0}}))
+    key = prefix_key({"a": 1.0}, model.slot_table)
     assert eng.prefixes.cached_length(prompts[-1], key) > 0 and eng.prefixes.cached_length(prompts[0], key) == 0
 
 

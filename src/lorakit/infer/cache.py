@@ -17,9 +17,9 @@ class SlotCache:
 
     Decode attends over all C positions (masking those past each row's own), so the rows' blocks are
     contiguous and the batched matmuls read the cache in place (a slice of a larger cache made them
-    copy it first: ~40% of a 16-row decode step on the default model). Scores are computed as K q^T,
-    which reads the keys in this layout as they are and measured 1.3-1.5x faster at 16 rows than
-    q K^T over keys stored transposed. Resizing copies the cache once per 64 positions of growth."""
+    copy it first: ~40% of a 16-row decode step on the default model). Keys are kept untransposed:
+    decode's q K^T reads them through a transposed view, which measured faster at 16 rows than keys
+    stored transposed. Resizing copies the cache once per 64 positions of growth."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]

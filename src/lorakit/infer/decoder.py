@@ -100,12 +100,11 @@ class SlotDecoder:
         self.input_norms = [rms_norm(layer.input_layernorm) for layer in layers]
         self.post_norms = [rms_norm(layer.post_attention_layernorm) for layer in layers]
         self.final_norm = rms_norm(self.inner.norm)
-        # Per layer: q/k/v, o, then gate/up and down for gated MLPs; the output head last.
         self.gated = [_gated(layer.mlp) for layer in layers]
         self.mlps = [layer.mlp for layer in layers]  # held: module attribute look-ups cost ~1 us each, per layer per step
         self.activations = [activation(mlp.act_fn) if gated else None for mlp, gated in zip(self.mlps, self.gated)]
         self.qk_norms = [(a.q_norm, a.k_norm) if hasattr(a, "q_norm") else None for a in (layer.self_attn for layer in layers)]
-        groups: list[FusedLinear] = []
+        groups: list[FusedLinear] = []  # per layer: q/k/v, o, then gate/up and down for gated MLPs; the output head last
         for layer, gated in zip(layers, self.gated):
             groups += [FusedLinear(layer.self_attn, ["q_proj", "k_proj", "v_proj"], pack), FusedLinear(layer.self_attn, ["o_proj"], pack)]
             if gated:

@@ -11,7 +11,7 @@ the engine's own: on a CPU, a second thread issuing torch ops starts a second Op
 teams on the same cores measured 1.5-2x slower per step than one (`bench/generate_throughput.py`).
 
 Memory is bounded: the KV cache holds `max_batch` slots of at most `max_len` positions (its capacity
-follows the longest running request, infer/decoder.py); a request that finds no free slot waits, and
+follows the longest running request, infer/cache.py); a request that finds no free slot waits, and
 one that can never fit is refused when submitted.
 
 In the default mode a request's bf16 tokens can depend on what else runs and ran: the batch's shape
@@ -19,7 +19,7 @@ changes kernels' rounding, a prompt whose beginning is in the prefix cache (infe
 prefill, and a long run of rows on one adapter switches to merged weights (infer/packed.py).
 
 Batch-invariant mode (`deterministic=True`): a request's tokens do not depend on what else runs.
-Prompts are prefilled one at a time at their exact length, every decode step runs all `max_batch`
+Prompts are prefilled one at a time at a length that depends on theirs alone (prefill_length), every decode step runs all `max_batch`
 rows (idle ones padded) so matrix shapes never change, and attention runs row by row over exactly
 the row's own cached tokens."""
 
@@ -46,7 +46,7 @@ from lorakit.infer.prefix import PrefixCache
 from lorakit.infer.registry import AdapterRegistry
 from lorakit.infer.sampling import SamplingParams, new_generator, next_tokens
 from lorakit.infer.text import TextStream
-from lorakit.lora.routing import RowSpec, build_routing, routed
+from lorakit.lora.routing import RowSpec, SlotTable, build_routing, routed
 
 PREFILL_TOKENS = 4096  # prompt tokens (rows x padded length) admitted in one prefill at most
 
@@ -131,7 +131,7 @@ class _Row:
     pending: int = -1  # the last sampled token, not yet in the cache
     first_token: float | None = None
     generated: list[int] = field(default_factory=list)
-    prefix_key: tuple = ()  # see Engine._prefix_key
+    prefix_key: tuple = ()  # see prefix_key
 
 
 class Engine:
@@ -298,23 +298,19 @@ class Engine:
             for row in new:
                 self._prefill([row])
             return
+        table = self.registry.model.slot_table  # read once: it sums every adapter tensor's version counter
         by_start: dict[int, list[_Row]] = {}  # rows whose cached prefixes are equally long prefill together
         for row in new:
-            row.prefix_key = self._prefix_key(row)
+            row.prefix_key = prefix_key(row.mix, table)
             by_start.setdefault(self.prefixes.cached_length(row.prompt, row.prefix_key), []).append(row)
         for start, rows in by_start.items():
             self._prefill(rows, start)
 
-    def _prefix_key(self, row: _Row) -> tuple:
-        """What a prompt's keys and values depend on besides its tokens: the adapter mix and the adapters' weights."""
-        table = self.registry.model.slot_table
-        return tuple(sorted(row.mix.items())), table.version, table.weights_version
-
     def _prefill(self, rows: list[_Row], start: int = 0) -> None:
         """Prefill `rows` into the next free slots; their first `start` prompt tokens come from the prefix cache."""
         first_slot = len(self._running)
-        for slot, row in enumerate(rows, first_slot):
-            if start:
+        if start:
+            for slot, row in enumerate(rows, first_slot):
                 self.prefixes.restore(self.cache, slot, row.prompt, row.prefix_key, start)
         longest = min(prefill_length(max(len(r.prompt) for r in rows) - start), self.max_len - start)
         ids = torch.zeros(len(rows), longest, dtype=torch.long)
@@ -398,6 +394,11 @@ class Engine:
             row.handle._emit(tail)
         row.handle._emit(Completion(row.stream.text, list(row.generated), reason or "stop", len(row.prompt),
                                     row.submitted, row.first_token, time.perf_counter()))
+
+
+def prefix_key(mix: dict[str, float], table: SlotTable) -> tuple:
+    """What a prompt's keys and values depend on besides its tokens: the adapter mix and the adapters' weights."""
+    return tuple(sorted(mix.items())), table.version, table.weights_version
 
 
 def prefill_length(tokens: int) -> int:

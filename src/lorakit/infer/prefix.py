@@ -58,8 +58,9 @@ class PrefixCache:
         """Copy the first `length` cached tokens of `prompt` (see cached_length) into `slot`."""
         cache.fit(length)
         for end in range(BLOCK, length + 1, BLOCK):
-            block = self._blocks[_key(prompt, end, mix)]
-            self._blocks.move_to_end(_key(prompt, end, mix))
+            key = _key(prompt, end, mix)
+            block = self._blocks[key]
+            self._blocks.move_to_end(key)
             for layer, (keys, values) in enumerate(zip(cache.keys, cache.values)):
                 keys[slot, :, end - BLOCK : end] = block.keys[layer]
                 values[slot, :, end - BLOCK : end] = block.values[layer]
