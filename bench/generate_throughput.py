@@ -179,7 +179,7 @@ def main() -> int:
     paths = make_adapters(Path(args.adapters_dir))
     tokenizer = load_tokenizer("default")
     lora = lorakit_model(paths)
-    engine = Engine(lora, tokenizer, max_batch=args.concurrency, max_len=1024)
+    engine = Engine(lora, tokenizer, max_batch=args.concurrency, max_len=1024, compile=True)
     prompts = [engine.chat_prompt(m) for m in chat_requests(args.requests)]
     adapters = [f"a{i % ADAPTERS}" for i in range(args.requests)]
     params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
@@ -202,7 +202,7 @@ def main() -> int:
           f"cost {rows['mixed']['tokens/s'] / det_row['tokens/s']:.2f}x the default mode's time", flush=True)
     det.close()
 
-    engine = Engine(lora, tokenizer, max_batch=args.concurrency, max_len=1024)
+    engine = Engine(lora, tokenizer, max_batch=args.concurrency, max_len=1024, compile=True)
     decode_ratio, prefill_ratio = forward_ratio(engine)
     print(f"\none forward, 16 rows over {ADAPTERS} distinct adapters / base alone: decode step {decode_ratio:.2f}x, "
           f"prefill of 16 x 128 tokens {prefill_ratio:.2f}x", flush=True)
@@ -239,7 +239,7 @@ def main() -> int:
     # The machine's speed drifts over minutes: lorakit runs again after the peers, and every ratio is
     # given against both of its runs.
     print("\nlorakit again, after the peers:", flush=True)
-    engine = Engine(lorakit_model(paths), tokenizer, max_batch=args.concurrency, max_len=1024)
+    engine = Engine(lorakit_model(paths), tokenizer, max_batch=args.concurrency, max_len=1024, compile=True)
     engine.generate(prompts[:2], adapters[:2], SamplingParams(max_tokens=4))
     again, _ = lorakit_loads(engine, prompts, adapters, params, args)
     again["single"] = single_stream(engine, prompts[0], args.single_tokens)

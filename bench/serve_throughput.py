@@ -278,7 +278,7 @@ def inprocess(args) -> int:
 
     paths = {f"a{i}": Path(args.adapters_dir) / f"a{i}" for i in range(ADAPTERS)}
     engine = Engine(load_model("default", dtype="bfloat16"), load_tokenizer("default"), max_batch=args.concurrency,
-                    max_len=args.max_model_len)
+                    max_len=args.max_model_len, compile=True)  # as lorakit serve does by default
     for name, path in paths.items():
         engine.registry.load(name, path, pin=True)
     prompts = [engine.chat_prompt(m) for m in chat_requests(args.requests)]

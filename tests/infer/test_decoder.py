@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from lorakit.errors import LorakitError
-from lorakit.infer.decoder import SlotDecoder, rms_norm, rotate, signed_sin
+from lorakit.infer.decoder import Norms, SlotDecoder, rotate, signed_sin
 from tests.helpers import make_tiny_gpt2, make_tiny_llama
 
 
@@ -27,9 +29,11 @@ def test_rms_norm_is_bit_equal_to_transformers(dtype: torch.dtype) -> None:
     with torch.no_grad():
         norm.weight.normal_(1.0, 0.3)
     x = (torch.randn(4, 3, 48) * 3).to(dtype)
-    assert torch.equal(rms_norm(norm)(x), norm(x))
-    other = torch.nn.LayerNorm(48)
-    assert rms_norm(other) is other  # anything else runs as its module
+    norms = Norms([norm])
+    assert norms.plain and norms.norms[0] is norm.weight
+    assert torch.equal(norms(norms.norms[0], x), norm(x))
+    other = Norms([norm, torch.nn.LayerNorm(48)])
+    assert not other.plain and other.norms[1] is not None and torch.equal(other(other.norms[0], x), norm(x))  # kept as modules
 
 
 @pytest.mark.parametrize("rowwise", [False, True])
@@ -54,3 +58,44 @@ def test_prefill_and_decode_give_transformers_logits(rowwise: bool) -> None:
 def test_other_architectures_are_refused_with_one_line() -> None:
     with pytest.raises(LorakitError, match="Llama-style decoders"):
         SlotDecoder(make_tiny_gpt2())
+
+
+def _decode_both(eager: SlotDecoder, compiled: SlotDecoder, prompts: torch.Tensor, rows_per_step: Sequence[int]):
+    """Prefill the same prompts in both decoders' caches, then decode steps of these many rows in each:
+    yields (eager logits, compiled logits, eager cache, compiled cache, rows) per step."""
+    caches = [decoder.allocate(len(prompts), 32) for decoder in (eager, compiled)]
+    lengths = torch.full((len(prompts),), prompts.shape[1])
+    for decoder, cache in zip((eager, compiled), caches):
+        decoder.prefill(cache, 0, prompts, lengths)
+    for rows in rows_per_step:
+        tokens, positions = torch.arange(3, 3 + rows), lengths[:rows]
+        yield (*(d.decode(c, tokens, positions) for d, c in zip((eager, compiled), caches)), *caches, rows)
+
+
+def test_compiled_decode_gives_the_eager_logits_and_cache_in_fp32() -> None:
+    model = make_tiny_llama(num_hidden_layers=7)  # compiled in a chunk of five layers and one of two
+    eager, compiled = SlotDecoder(model), SlotDecoder(model, compile=True)
+    assert compiled.compiled is not None
+    prompts = torch.randint(2, 128, (4, 6), generator=torch.Generator().manual_seed(0))
+    for mine, theirs, my_cache, their_cache, rows in _decode_both(eager, compiled, prompts, (4, 1)):  # one row: a graph of its own
+        torch.testing.assert_close(theirs, mine, atol=1e-5, rtol=1e-5)
+        for ours, its in zip(my_cache.keys + my_cache.values, their_cache.keys + their_cache.values):
+            torch.testing.assert_close(its[:rows, :, 6], ours[:rows, :, 6], atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_decode_runs_each_rows_adapters_in_bf16() -> None:
+    from lorakit.lora.routing import routed
+    from tests.helpers import tiny_lora_model
+
+    model = tiny_lora_model(dtype=torch.bfloat16)
+    eager, compiled = SlotDecoder(model.model), SlotDecoder(model.model, compile=True)
+    prompts = torch.randint(2, 128, (3, 6), generator=torch.Generator().manual_seed(0))
+    with routed(model.routing(["a", "__base__", {"b": 0.7, "c": 0.3}])):
+        (mine, theirs, *_), = _decode_both(eager, compiled, prompts, (3,))
+    torch.testing.assert_close(theirs.float(), mine.float(), atol=0.05 * float(mine.abs().max()), rtol=0.02)
+
+
+def test_compiling_falls_back_to_eager_where_it_does_not_apply() -> None:
+    model = make_tiny_llama()
+    model.model.layers[0].mlp = torch.nn.Identity()  # not a gated MLP
+    assert SlotDecoder(model, compile=True).compiled is None

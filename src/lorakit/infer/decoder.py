@@ -5,7 +5,8 @@ q/k/v as one, gate/up as one, each row's adapters joined in), resolved once per 
 checked at every call; norms, rotary embedding, attention and the cache are lorakit's, with as few
 tensor operations per layer as the arithmetic allows: at one row a decode step is ~30 layers of small
 ops around bandwidth-bound matmuls, and each op and Python call costs microseconds (this loop took a
-one-row step of the default model from 15.5 to ~12 ms against running transformers' modules).
+one-row step of the default model from 15.5 to ~12 ms against running transformers' modules). With
+`compile`, inductor fuses each chunk of layers' small ops (infer/compiled.py).
 Rows of a batch are cache slots 0..B-1, so the cache is read as a view, never gathered: the engine
 keeps its running requests in the lowest slots.
 
@@ -14,7 +15,7 @@ D head size, L tokens cached per slot at most."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -22,23 +23,33 @@ from torch.nn import functional as F
 
 from lorakit.errors import LorakitError
 from lorakit.infer.cache import SlotCache
-from lorakit.infer.packed import FusedLinear, Projection, Projections
+from lorakit.infer.compiled import active, at_group, project
+from lorakit.infer.packed import FusedLinear, Projections
 from lorakit.lora.routing import current_routing
 
-SMALL_ATTENTION = 192  # rows x cached positions up to which decode attention runs in fp32 (0.6-0.7 ms a one-row step; a wash at 256)
+SMALL_ATTENTION = 192  # cached positions up to which one row's decode attention runs in fp32 (0.6-0.7 ms a step; a wash at 256)
+COMPILED_LAYERS = 5  # layers per compiled call: the whole default model in one graph ran no faster and took 4x as long to compile
 
 # transformers' RMSNorm classes that compute weight * (x_fp32 * rsqrt(mean(x^2) + eps)).to(dtype)
 _LLAMA_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 
 
-def rms_norm(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`module` as a function: for Llama's RMSNorm, the same arithmetic in two calls instead of eight
-    (torch.rms_norm computes in fp32 and rounds to the input's dtype, as transformers' does); any other
-    norm runs as its module."""
-    if type(module).__name__ not in _LLAMA_NORMS:
-        return module
-    shape, eps = tuple(module.weight.shape), module.variance_epsilon
-    return lambda x: torch.rms_norm(x, shape, eps=eps) * module.weight
+class Norms:
+    """A model's RMSNorms as weights when they are Llama's (weight * rms-normalised x, one epsilon), so
+    a norm is two tensor calls (torch.rms_norm computes in fp32 and rounds to the input's dtype, as
+    transformers' does) and a compiled step can take the weight as an input; any other norm is kept
+    as its module."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        epsilons = {getattr(m, "variance_epsilon", None) for m in modules}
+        self.plain = all(type(m).__name__ in _LLAMA_NORMS for m in modules) and len(epsilons) == 1
+        self.eps = epsilons.pop() if self.plain else 0.0
+        self.norms: list[torch.Tensor | nn.Module] = [m.weight if self.plain else m for m in modules]
+
+    def __call__(self, norm: torch.Tensor | nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(norm, torch.Tensor):
+            return torch.rms_norm(x, (x.shape[-1],), eps=self.eps) * norm
+        return norm(x)
 
 
 def activation(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -86,9 +97,10 @@ def _gated(mlp: nn.Module) -> bool:
 class SlotDecoder:
     """Prefill and decode steps of one Llama-style causal LM over a SlotCache."""
 
-    def __init__(self, model: nn.Module, pack: bool = True) -> None:
+    def __init__(self, model: nn.Module, pack: bool = True, compile: bool = False) -> None:
         """`pack=False` runs every projection as its own module (for comparison; packing is used only
-        where it applies, see infer/packed.py)."""
+        where it applies, see infer/packed.py); `compile` compiles the decode step where it applies
+        (infer/compiled.py: a CPU model whose layers all have Llama's norms and gated MLP)."""
         self.model = model
         self.inner = decoder_parts(model)
         config = model.config
@@ -97,23 +109,41 @@ class SlotDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scale = self.head_dim**-0.5
         layers = self.inner.layers
-        self.input_norms = [rms_norm(layer.input_layernorm) for layer in layers]
-        self.post_norms = [rms_norm(layer.post_attention_layernorm) for layer in layers]
-        self.final_norm = rms_norm(self.inner.norm)
+        self.norm = Norms([n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)] + [self.inner.norm])
         self.gated = [_gated(layer.mlp) for layer in layers]
         self.mlps = [layer.mlp for layer in layers]  # held: module attribute look-ups cost ~1 us each, per layer per step
         self.activations = [activation(mlp.act_fn) if gated else None for mlp, gated in zip(self.mlps, self.gated)]
         self.qk_norms = [(a.q_norm, a.k_norm) if hasattr(a, "q_norm") else None for a in (layer.self_attn for layer in layers)]
         groups: list[FusedLinear] = []  # per layer: q/k/v, o, then gate/up and down for gated MLPs; the output head last
+        self.first_group: list[int] = []  # each layer's first group
         for layer, gated in zip(layers, self.gated):
+            self.first_group.append(len(groups))
             groups += [FusedLinear(layer.self_attn, ["q_proj", "k_proj", "v_proj"], pack), FusedLinear(layer.self_attn, ["o_proj"], pack)]
             if gated:
                 groups += [FusedLinear(layer.mlp, ["gate_proj", "up_proj"], pack), FusedLinear(layer.mlp, ["down_proj"], pack)]
-        self.projections = Projections(groups + [FusedLinear(model, [_head_name(model)], pack)])
+        groups.append(FusedLinear(model, [_head_name(model)], pack))
+        self.projections = Projections(groups)
+        self.widths = [sum(m.out_features for m in g.modules()) for g in groups]  # each group's output columns
+        uniform = self.norm.plain and all(self.gated) and not any(self.qk_norms) and set(self.activations) == {F.silu}
+        on_cpu = self.inner.embed_tokens.weight.device.type == "cpu"
+        self.compiled = torch.compile(self._decode_chunk, dynamic=True) if compile and uniform and on_cpu else None
 
     def allocate(self, slots: int, length: int) -> SlotCache:
         weight = self.inner.embed_tokens.weight
         return SlotCache.allocate(len(self.inner.layers), slots, self.kv_heads, length, self.head_dim, weight.dtype, weight.device)
+
+    @torch.inference_mode()
+    def warm_up(self, cache: SlotCache) -> None:
+        """Compile now, not during the first requests, the graphs decoding meets: one row over few and
+        over many cached positions (attention differs, SMALL_ATTENTION) and several rows. Writes into
+        the cache's slots: call it before any request holds one."""
+        if self.compiled is None:
+            return
+        spans = [1] + ([SMALL_ATTENTION + 1] if cache.limit > SMALL_ATTENTION + 1 else [])
+        shapes = [(1, span) for span in spans] + ([(2, 1)] if cache.slots > 1 else [])
+        for rows, span in shapes:
+            self.decode(cache, torch.zeros(rows, dtype=torch.long), torch.full((rows,), span - 1))
+        cache.fit(1, shrink=True)
 
     @torch.inference_mode()
     def prefill(self, cache: SlotCache, first_slot: int, input_ids: torch.Tensor, lengths: torch.Tensor,
@@ -127,22 +157,23 @@ class SlotDecoder:
         rows, steps = input_ids.shape
         end = start + steps
         cache.fit(end)
-        step = self._step(input_ids, torch.arange(start, end, device=input_ids.device).expand(rows, steps))
-        hidden = step.hidden
+        hidden, cos, sin_signed = self._embed(input_ids, torch.arange(start, end, device=input_ids.device).expand(rows, steps))
         slots = slice(first_slot, first_slot + rows)
         # With a cached prefix the queries attend over it too: query t sees positions up to start + t.
         visible = torch.ones(steps, end, dtype=torch.bool, device=input_ids.device).tril(start) if start else None
-        for index in range(len(self.inner.layers)):
-            q, k, v = step.attention_inputs(index, hidden)  # (B, H|KVH, T, D)
-            keys, values = cache.keys[index], cache.values[index]
-            keys[slots, :, start:end] = k
-            values[slots, :, start:end] = v
-            if start:
-                k, v = keys[slots, :, :end], values[slots, :, :end]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=not start,
-                                                 enable_gqa=self.kv_heads != self.heads)
-            hidden = step.finish_layer(index, hidden, out.transpose(1, 2).reshape(rows, steps, -1))
-        return step.logits(hidden[torch.arange(rows), lengths - 1])  # after each prompt's last real token
+        with self._projected():
+            for index in range(len(self.inner.layers)):
+                at_group(self.first_group[index])
+                q, k, v = self._attention_inputs(index, 0, hidden, cos, sin_signed, self.norm.norms[2 * index])  # (B, H|KVH, T, D)
+                keys, values = cache.keys[index], cache.values[index]
+                keys[slots, :, start:end] = k
+                values[slots, :, start:end] = v
+                if start:
+                    k, v = keys[slots, :, :end], values[slots, :, :end]
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=not start,
+                                                     enable_gqa=self.kv_heads != self.heads)
+                hidden = self._finish_layer(index, 0, hidden, out.transpose(1, 2).reshape(rows, steps, -1), self.norm.norms[2 * index + 1])
+            return self._logits(hidden[torch.arange(rows), lengths - 1])  # after each prompt's last real token
 
     @torch.inference_mode()
     def decode(self, cache: SlotCache, tokens: torch.Tensor, positions: torch.Tensor, rowwise: bool = False) -> torch.Tensor:
@@ -150,40 +181,79 @@ class SlotDecoder:
         in the model's dtype.
 
         `rowwise` attends row by row over exactly each row's own tokens, so a row's result does not
-        depend on the other rows' lengths (the batch-invariant mode)."""
+        depend on the other rows' lengths (the batch-invariant mode; never compiled)."""
         rows = tokens.shape[0]
         cache.fit(int(positions.max()) + 1, shrink=True)
         span = cache.capacity  # every row attends over the whole capacity, its own future masked
-        step = self._step(tokens[:, None], positions[:, None])
-        hidden = step.hidden
-        row_index = torch.arange(rows, device=tokens.device)
-        position = int(positions[0]) if rows == 1 else None
+        hidden, cos, sin_signed = self._embed(tokens[:, None], positions[:, None])
         # Keys past a row's own position belong to nobody yet (or to a finished request): masked out.
         future = torch.arange(span, device=tokens.device)[None, :] > positions[:, None]
         bias = torch.zeros(rows, 1, 1, span, device=tokens.device).masked_fill_(future[:, None, None], float("-inf"))
-        for index in range(len(self.inner.layers)):
-            q, k, v = step.attention_inputs(index, hidden)  # q (B, H, 1, D), k/v (B, KVH, 1, D)
-            keys, values = cache.keys[index], cache.values[index]
-            if position is not None:  # one row: a slice copy costs a third of the indexed write
-                keys[0, :, position], values[0, :, position] = k[0, :, 0], v[0, :, 0]
+        step = (hidden, cos, sin_signed, bias, positions, torch.arange(rows, device=tokens.device))
+        layers = len(self.inner.layers)
+        with self._projected():
+            if self.compiled is not None and not rowwise:
+                for first in range(0, layers, COMPILED_LAYERS):
+                    last = min(first + COMPILED_LAYERS, layers)
+                    at_group(self.first_group[first])
+                    hidden = self.compiled(*step, cache.keys[first:last], cache.values[first:last], self.norm.norms[2 * first : 2 * last])
+                    step = (hidden, *step[1:])
             else:
-                keys[row_index, :, positions] = k[:, :, 0]
-                values[row_index, :, positions] = v[:, :, 0]
-            if rowwise:
-                out = torch.cat([self._attend(q[b : b + 1], keys[b : b + 1, :, : int(positions[b]) + 1],
-                                              values[b : b + 1, :, : int(positions[b]) + 1], None) for b in range(rows)])
-            else:
-                out = self._attend(q, keys[:rows, :, :span], values[:rows, :, :span], bias)
-            hidden = step.finish_layer(index, hidden, out.view(rows, 1, -1))
-        return step.logits(hidden[:, 0])
+                position = int(positions[0]) if rows == 1 else None
+                for index in range(layers):
+                    at_group(self.first_group[index])
+                    hidden = self._decode_layer(index, 0, *step, cache.keys[index], cache.values[index], position, rowwise)
+                    step = (hidden, *step[1:])
+            return self._logits(hidden[:, 0])
 
-    def _step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> _Step:
-        hidden = self.inner.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.inner.rotary_emb(hidden, positions)  # (B, T, D)
+    def _decode_chunk(self, hidden: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, bias: torch.Tensor,
+                      positions: torch.Tensor, row_index: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+                      norms: list[torch.Tensor]) -> torch.Tensor:
+        """Decode through consecutive layers (their caches and norm weights given), the first at group 0:
+        what `torch.compile` compiles, so it reads no layer's module and no Python number of a tensor."""
+        step = (cos, sin_signed, bias, positions, row_index)
+        for j in range(len(keys)):
+            hidden = self._decode_layer(j, 4 * j, hidden, *step, keys[j], values[j], norms=norms[2 * j : 2 * j + 2])
+        return hidden
+
+    def _decode_layer(self, index: int, group: int, hidden: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
+                      bias: torch.Tensor, positions: torch.Tensor, row_index: torch.Tensor, keys: torch.Tensor,
+                      values: torch.Tensor, position: int | None = None, rowwise: bool = False,
+                      norms: Sequence[torch.Tensor | nn.Module] | None = None) -> torch.Tensor:
+        """One layer of a decode step: the layer `index` of the model (or of a compiled chunk, its norms
+        given), its projections from `group` on. `position`: the one row's, to write its cache by slice."""
+        rows, span = hidden.shape[0], keys.shape[2]
+        if norms is None:
+            norms = self.norm.norms[2 * index : 2 * index + 2]
+        q, k, v = self._attention_inputs(index, group, hidden, cos, sin_signed, norms[0])  # q (B, H, 1, D), k/v (B, KVH, 1, D)
+        if position is not None:  # one row: a slice copy costs a third of the indexed write
+            keys[0, :, position], values[0, :, position] = k[0, :, 0], v[0, :, 0]
+        else:
+            keys[row_index, :, positions] = k[:, :, 0]
+            values[row_index, :, positions] = v[:, :, 0]
+        if rowwise:
+            out = torch.cat([self._attend(q[b : b + 1], keys[b : b + 1, :, : int(positions[b]) + 1],
+                                          values[b : b + 1, :, : int(positions[b]) + 1], None) for b in range(rows)])
+        else:
+            out = self._attend(q, keys[:rows, :, :span], values[:rows, :, :span], bias)
+        return self._finish_layer(index, group, hidden, out.view(rows, 1, -1), norms[1])
+
+    def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token embeddings (B, T, C) and the rotary tables (B, T, 1, D) for these positions."""
+        hidden = self.inner.embed_tokens(input_ids)
+        cos, sin = self.inner.rotary_emb(hidden, positions)
+        return hidden, cos[:, :, None], signed_sin(sin)[:, :, None]
+
+    def _projected(self) -> ContextManager[None]:
+        """The projections resolved for the current routing, made the ones `project` runs."""
         routing = current_routing()
-        resolved = self.projections.resolve(routing, hidden.dtype)
-        scales = routing.column_scales(hidden.dtype) if routing is not None and not routing.base_only else None
-        return _Step(self, hidden, cos[:, :, None], signed_sin(sin)[:, :, None], resolved, scales)
+        dtype = self.inner.embed_tokens.weight.dtype
+        scales = routing.column_scales(dtype) if routing is not None and not routing.base_only else None
+        return active(self.projections.resolve(routing, dtype), scales)
+
+    def _project(self, group: int, x: torch.Tensor) -> torch.Tensor:
+        """Group `group` (counted from the running layer's first, see compiled.at_group) applied to x."""
+        return project(x, group, self.widths[group])
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """One query per row against its cached keys and values, (B, KVH, span, D): (B, H, 1, D) -> (B, H, D).
@@ -196,7 +266,7 @@ class SlotDecoder:
         keys = keys.reshape(rows * self.kv_heads, span, self.head_dim)
         values = values.reshape(rows * self.kv_heads, span, self.head_dim)
         dtype = values.dtype
-        if rows * span <= SMALL_ATTENTION:  # fp32 copies and MKL's sgemm beat oneDNN's fixed bf16 cost here
+        if rows == 1 and span <= SMALL_ATTENTION:  # fp32 copies and MKL's sgemm beat oneDNN's fixed bf16 cost here
             q, keys, values = q.float(), keys.float(), values.float()
         scores = torch.bmm(q, keys.transpose(1, 2)).float().view(rows, self.kv_heads, groups, span).mul_(self.scale)
         if bias is not None:
@@ -204,48 +274,31 @@ class SlotDecoder:
         probs = torch.softmax(scores.view(rows * self.kv_heads, groups, span), dim=-1).to(values.dtype)
         return torch.bmm(probs, values).to(dtype).reshape(rows, self.heads, self.head_dim)  # (B, H, D)
 
-
-class _Step:
-    """What the layers of one forward step share: the routing's projections and column scales, the
-    rotary tables; and the per-layer work before and after attention."""
-
-    def __init__(self, decoder: SlotDecoder, hidden: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
-                 projections: list[Projection], scales: torch.Tensor | None) -> None:
-        self.decoder, self.hidden, self.cos, self.sin_signed, self.scales = decoder, hidden, cos, sin_signed, scales
-        self.per_layer: list[list[Projection]] = []
-        at = 0
-        for gated in decoder.gated:
-            width = 4 if gated else 2
-            self.per_layer.append(projections[at : at + width])
-            at += width
-        self.head = projections[at]
-
-    def attention_inputs(self, index: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Normed hidden (B, T, C) -> rotated q (B, H, T, D), k (B, KVH, T, D) and v (B, KVH, T, D)."""
-        decoder = self.decoder
+    def _attention_inputs(self, index: int, group: int, hidden: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
+                          norm: torch.Tensor | nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hidden (B, T, C) -> normed, projected by `group` (q/k/v) and rotated: q (B, H, T, D), k and v (B, KVH, T, D)."""
         rows, steps, _ = hidden.shape
-        heads, kv_heads, dim = decoder.heads, decoder.kv_heads, decoder.head_dim
-        qkv = self.per_layer[index][0](decoder.input_norms[index](hidden), self.scales)
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        qkv = self._project(group, self.norm(norm, hidden))
         qk = qkv[..., : (heads + kv_heads) * dim].view(rows, steps, heads + kv_heads, dim)
         v = qkv[..., (heads + kv_heads) * dim :].view(rows, steps, kv_heads, dim)
-        qk_norms = decoder.qk_norms[index]
-        if qk_norms is not None:  # Qwen3-style per-head norms before rotary
+        qk_norms = self.qk_norms[index]
+        if qk_norms is not None:  # Qwen3-style per-head norms before rotary (never in a compiled chunk)
             qk = torch.cat((qk_norms[0](qk[:, :, :heads]), qk_norms[1](qk[:, :, heads:])), dim=2)
-        qk = rotate(qk, self.cos, self.sin_signed)  # q and k heads together
+        qk = rotate(qk, cos, sin_signed)  # q and k heads together
         return qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2), v.transpose(1, 2)
 
-    def finish_layer(self, index: int, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    def _finish_layer(self, index: int, group: int, hidden: torch.Tensor, attended: torch.Tensor,
+                      norm: torch.Tensor | nn.Module) -> torch.Tensor:
         """hidden + o(attended), then the MLP's residual: the layer's output (B, T, C)."""
-        decoder = self.decoder
-        projections = self.per_layer[index]
-        hidden = hidden + projections[1](attended, self.scales)
-        normed = decoder.post_norms[index](hidden)
-        mlp = decoder.mlps[index]
-        if not decoder.gated[index]:
-            return hidden + mlp(normed)
-        gate, up = projections[2](normed, self.scales).chunk(2, dim=-1)
-        return hidden + projections[3](decoder.activations[index](gate) * up, self.scales)
+        hidden = hidden + self._project(group + 1, attended)
+        normed = self.norm(norm, hidden)
+        if not self.gated[index]:
+            return hidden + self.mlps[index](normed)
+        gate, up = self._project(group + 2, normed).chunk(2, dim=-1)
+        return hidden + self._project(group + 3, self.activations[index](gate) * up)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and output head: (B, C) -> (B, V) in the model's dtype."""
-        return self.head(self.decoder.final_norm(hidden), self.scales)
+        at_group(0)
+        return self._project(len(self.widths) - 1, self.norm(self.norm.norms[-1], hidden))

@@ -138,12 +138,14 @@ class Engine:
     """One base model (with a registry of adapters) serving many generation requests at once."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 32, max_len: int = 2048,
-                 deterministic: bool = False, max_loras: int | None = None, prefix_cache_mb: float = 128) -> None:
+                 deterministic: bool = False, max_loras: int | None = None, prefix_cache_mb: float = 128,
+                 compile: bool = False) -> None:
         """`prefix_cache_mb`: memory for the keys and values of prompt blocks shared between requests
-        (infer/prefix.py; 0 turns it off; always off in the batch-invariant mode)."""
+        (infer/prefix.py; 0 turns it off; always off in the batch-invariant mode). `compile`: compile the
+        decode step (infer/compiled.py; the batch-invariant mode's steps are never compiled)."""
         self.registry = model if isinstance(model, AdapterRegistry) else AdapterRegistry(model, max_loras)
         self.tokenizer = tokenizer
-        self.decoder = SlotDecoder(self.registry.model.model)
+        self.decoder = SlotDecoder(self.registry.model.model, compile=compile and not deterministic)
         self.decoder.projections.warm()
         context = getattr(self.registry.model.config, "max_position_embeddings", max_len)
         self.max_len = min(max_len, context)
@@ -151,6 +153,7 @@ class Engine:
         self.deterministic = deterministic
         self.prefixes = PrefixCache(0 if deterministic else int(prefix_cache_mb * 2**20))
         self.cache: SlotCache = self.decoder.allocate(max_batch, self.max_len)
+        self.decoder.warm_up(self.cache)  # compiles, when compiling: ~30-60 s on the default model, less once inductor has cached it
         self.eos_ids = _eos_ids(self.registry.model.model, tokenizer)
         self.device = self.decoder.inner.embed_tokens.weight.device
         self._waiting: deque[_Row] = deque()

@@ -1,0 +1,72 @@
+"""The decode step compiled by torch.compile (inductor), around lorakit's own projections.
+
+A decode step of a small model is ~30 layers of small tensor ops around its matmuls, and each op costs
+microseconds of dispatch whatever its size. Inductor fuses each layer's norms, rotary embedding, cache
+writes, softmax and residual adds into a few C++ loops. The matmuls stay lorakit's (infer/packed.py:
+prepacked, fused, with each row's adapters): the compiled graph reaches them through one custom op,
+`lorakit::project`, which calls the running step's resolved projections by group number. So no graph
+holds a weight, and loading an adapter, retraining one or merging weights needs no recompilation; only
+new shape classes do (one row over few or many cached positions, several rows).
+
+Measured on the default model, 2-core Zen 4, bf16, eager and compiled decoders alternating in one
+process: a 16-row mixed-adapter decode step 7-12% faster, a one-row step 10-15% faster. Compiling
+all 30 layers as one graph ran no faster than chunks of five and took ~4x as long to compile (~130 s
+cold), so the decoder compiles a chunk of layers and calls it once per chunk (decoder.COMPILED_LAYERS).
+Compiling costs ~1 min on a cold inductor cache, so it is opt-in for the library (`Engine(compile=True)`)
+and on by default for `lorakit serve` (`--no-compile`)."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+
+from lorakit.infer.packed import Projection
+
+_library = torch.library.Library("lorakit", "DEF")
+_library.define("project(Tensor x, int group, int width) -> Tensor")
+
+
+class _Running(threading.local):
+    """The step running in this thread: its projections and column scales, and the first group of the
+    layer (or chunk of layers) being run, which `project`'s group numbers count from."""
+
+    projections: Sequence[Projection] = ()
+    scales: torch.Tensor | None = None
+    first: int = 0
+
+
+_running = _Running()
+
+
+def _project(x: torch.Tensor, group: int, width: int) -> torch.Tensor:
+    out = _running.projections[_running.first + group](x, _running.scales)
+    return out if out.is_contiguous() else out.contiguous()  # graphs are traced with a contiguous output
+
+
+def _project_shape(x: torch.Tensor, group: int, width: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], width)
+
+
+_library.impl("project", _project, "CompositeExplicitAutograd")
+torch.library.register_fake("lorakit::project", _project_shape, lib=_library)
+
+project = torch.ops.lorakit.project.default
+
+
+@contextmanager
+def active(projections: Sequence[Projection], scales: torch.Tensor | None) -> Iterator[None]:
+    """Make `project` run these projections (one per group, in order) with these column scales."""
+    saved = (_running.projections, _running.scales, _running.first)
+    _running.projections, _running.scales, _running.first = projections, scales, 0
+    try:
+        yield
+    finally:
+        _running.projections, _running.scales, _running.first = saved
+
+
+def at_group(first_group: int) -> None:
+    """Make `project`'s group numbers count from this group (the first of the layers about to run)."""
+    _running.first = first_group
