@@ -132,17 +132,17 @@ class SlotDecoder:
         weight = self.inner.embed_tokens.weight
         return SlotCache.allocate(len(self.inner.layers), slots, self.kv_heads, length, self.head_dim, weight.dtype, weight.device)
 
-    @torch.inference_mode()
     def warm_up(self, cache: SlotCache) -> None:
         """Compile now, not during the first requests, the graphs decoding meets: one row over few and
         over many cached positions (attention differs, SMALL_ATTENTION) and several rows. Writes into
-        the cache's slots: call it before any request holds one."""
+        the cache's slots: call it before any request holds one. (Spans of 128 and more: at 64 the
+        span would equal the head size, and torch.compile would specialise the graph on that.)"""
         if self.compiled is None:
             return
-        spans = [1] + ([SMALL_ATTENTION + 1] if cache.limit > SMALL_ATTENTION + 1 else [])
-        shapes = [(1, span) for span in spans] + ([(2, 1)] if cache.slots > 1 else [])
+        spans = [128] + ([SMALL_ATTENTION + 64] if cache.limit >= SMALL_ATTENTION + 64 else [])
+        shapes = [(1, span) for span in spans] + ([(2, 128)] if cache.slots > 1 else [])
         for rows, span in shapes:
-            self.decode(cache, torch.zeros(rows, dtype=torch.long), torch.full((rows,), span - 1))
+            self.decode(cache, torch.zeros(rows, dtype=torch.long), torch.full((rows,), min(span, cache.limit) - 1))
         cache.fit(1, shrink=True)
 
     @torch.inference_mode()
@@ -189,7 +189,10 @@ class SlotDecoder:
         # Keys past a row's own position belong to nobody yet (or to a finished request): masked out.
         future = torch.arange(span, device=tokens.device)[None, :] > positions[:, None]
         bias = torch.zeros(rows, 1, 1, span, device=tokens.device).masked_fill_(future[:, None, None], float("-inf"))
-        step = (hidden, cos, sin_signed, bias, positions, torch.arange(rows, device=tokens.device))
+        # Every input of a compiled graph made here, in inference mode and contiguous: a tensor that
+        # differs in either way from the one a graph was traced with makes torch.compile trace anew.
+        step = (hidden.clone(memory_format=torch.contiguous_format), cos, sin_signed, bias, positions.clone(),
+                torch.arange(rows, device=tokens.device))
         layers = len(self.inner.layers)
         with self._projected():
             if self.compiled is not None and not rowwise:
@@ -197,7 +200,7 @@ class SlotDecoder:
                     last = min(first + COMPILED_LAYERS, layers)
                     at_group(self.first_group[first])
                     hidden = self.compiled(*step, cache.keys[first:last], cache.values[first:last], self.norm.norms[2 * first : 2 * last])
-                    step = (hidden, *step[1:])
+                    step = (hidden.clone(memory_format=torch.contiguous_format), *step[1:])  # inductor may pad rows apart
             else:
                 position = int(positions[0]) if rows == 1 else None
                 for index in range(layers):
