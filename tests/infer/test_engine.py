@@ -168,3 +168,16 @@ def test_prefills_run_at_a_few_padded_lengths_within_the_context() -> None:
     prompt = [5 + i % 50 for i in range(38)]  # padded to 48 it would pass the context: clamped to 40
     alone = eng.generate([prompt], ["a"], SamplingParams(max_tokens=1))[0]
     assert alone.finish_reason == "length" and len(alone.token_ids) == 1
+
+
+def test_a_compiled_engine_meets_no_new_graph_after_warm_up_and_gives_the_eager_tokens() -> None:
+    model = tiny_lora_model()
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (220, 4, 30, 9)]  # one row past 192 positions
+    eager = engine(model, max_batch=3, max_len=256)
+    expected = [eager.generate([p], [a], s)[0].token_ids for p, a, s in zip(PROMPTS, ADAPTERS, params)]
+    compiled = engine(model, max_batch=3, max_len=256, compile=True)  # compiles its shapes here
+    with torch.compiler.set_stance("fail_on_recompile"):  # a request meeting a new graph would stall for seconds
+        handles = [compiled.submit(p, a, s) for p, a, s in zip(PROMPTS, ADAPTERS, params)]
+        together = [h.result().token_ids for h in handles]
+        alone = compiled.generate([PROMPTS[0]], [ADAPTERS[0]], params[0])[0].token_ids  # one row, many positions
+    assert together == expected and alone == expected[0]
