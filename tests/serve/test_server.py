@@ -59,7 +59,7 @@ def server(adapter_root):
          str(adapter_root), "--port", str(port), "--api-key", KEY, "--max-batch", "8", "--max-model-len", "512"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300  # start-up compiles the decode step (~1 min on a cold inductor cache)
+    deadline = time.time() + 120
     while time.time() < deadline:
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:

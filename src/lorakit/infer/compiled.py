@@ -8,12 +8,13 @@ prepacked, fused, with each row's adapters): the compiled graph reaches them thr
 holds a weight, and loading an adapter, retraining one or merging weights needs no recompilation; only
 new shape classes do (one row over few or many cached positions, several rows).
 
-Measured on the default model, 2-core Zen 4, bf16, eager and compiled decoders alternating in one
-process: a 16-row mixed-adapter decode step 7-12% faster, a one-row step 10-15% faster. Compiling
-all 30 layers as one graph ran no faster than chunks of five and took ~4x as long to compile (~130 s
-cold), so the decoder compiles a chunk of layers and calls it once per chunk (decoder.COMPILED_LAYERS).
-Compiling costs ~1 min on a cold inductor cache, so it is opt-in for the library (`Engine(compile=True)`)
-and on by default for `lorakit serve` (`--no-compile`)."""
+Measured on the default model, 2-core Zen 4, bf16: in-process, a 16-row mixed-adapter decode step
+5-12% faster and a one-row step 10-15% faster (eager and compiled decoders alternating in one process);
+through `lorakit serve` on 2 cores the gain was within the run-to-run noise (+-15%). Compiling all 30
+layers as one graph ran no faster than chunks of five and took ~4x as long to compile (~130 s cold), so
+the decoder compiles a chunk of layers and calls it once per chunk (decoder.COMPILED_LAYERS). Compiling
+costs 30-60 s on a cold inductor cache and needs a C++ compiler, so it is opt-in: `Engine(compile=True)`,
+`lorakit serve --compile`; where it fails, decoding stays eager (a warning says so)."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ D head size, L tokens cached per slot at most."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, ContextManager, Sequence
 
 import torch
@@ -141,8 +142,13 @@ class SlotDecoder:
             return
         spans = [128] + ([SMALL_ATTENTION + 64] if cache.limit >= SMALL_ATTENTION + 64 else [])
         shapes = [(1, span) for span in spans] + ([(2, 128)] if cache.slots > 1 else [])
-        for rows, span in shapes:
-            self.decode(cache, torch.zeros(rows, dtype=torch.long), torch.full((rows,), min(span, cache.limit) - 1))
+        try:
+            for rows, span in shapes:
+                self.decode(cache, torch.zeros(rows, dtype=torch.long), torch.full((rows,), min(span, cache.limit) - 1))
+        except Exception as error:  # inductor needs a C++ compiler, among other things: decode eagerly then
+            warnings.warn(f"compiling the decode step failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                          "decoding eagerly", stacklevel=2)
+            self.compiled = None
         cache.fit(1, shrink=True)
 
     @torch.inference_mode()
