@@ -219,7 +219,9 @@ class SlotDecoder:
                       positions: torch.Tensor, row_index: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
                       norms: list[torch.Tensor]) -> torch.Tensor:
         """Decode through consecutive layers (their caches and norm weights given), the first at group 0:
-        what `torch.compile` compiles, so it reads no layer's module and no Python number of a tensor."""
+        what `torch.compile` compiles, so it reads no layer's module and no Python number of a tensor.
+        Only uniform models are compiled: every layer has four groups (q/k/v, o, gate/up, down), and
+        layer j of the chunk stands in for any layer in the per-layer lists (gated, activations)."""
         step = (cos, sin_signed, bias, positions, row_index)
         for j in range(len(keys)):
             hidden = self._decode_layer(j, 4 * j, hidden, *step, keys[j], values[j], norms=norms[2 * j : 2 * j + 2])
