@@ -80,14 +80,14 @@ def run(args: argparse.Namespace) -> int:
     adapters = [parse_named_dir(s) for s in args.adapter]
     model_dir = resolve_model_dir(args.model)
     name = args.served_model_name or model_dir.name
-    if args.compile:
+    if args.compile and not args.deterministic:  # the batch-invariant mode never compiles
         print("lorakit serve: compiling the decode step (up to a minute on a cold inductor cache)", flush=True)
     engine = Engine(load_model(args.model, dtype=args.dtype), load_tokenizer(args.model), max_batch=args.max_batch,
                     max_len=args.max_model_len, deterministic=args.deterministic, max_loras=args.max_loras,
                     prefix_cache_mb=args.prefix_cache_mb, compile=args.compile)
     for adapter, directory in adapters:
         engine.registry.load(adapter, directory, pin=True)
-    if args.compile:  # the engine compiled its shapes above; a shape it missed runs eagerly rather than stall everyone
+    if engine.decoder.compiled is not None:  # its shapes compiled above; a shape it missed runs eagerly, not stalling everyone
         import torch
 
         torch.compiler.set_stance("eager_on_recompile")  # process-wide: this process is the server's own
