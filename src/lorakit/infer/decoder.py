@@ -134,10 +134,12 @@ class SlotDecoder:
         return SlotCache.allocate(len(self.inner.layers), slots, self.kv_heads, length, self.head_dim, weight.dtype, weight.device)
 
     def warm_up(self, cache: SlotCache) -> None:
-        """Compile now, not during the first requests, the graphs decoding meets: one row over few and
-        over many cached positions (attention differs, SMALL_ATTENTION) and several rows. Writes into
-        the cache's slots: call it before any request holds one. (Spans of 128 and more: at 64 the
-        span would equal the head size, and torch.compile would specialise the graph on that.)"""
+        """Take now, not during the first requests, what decoding will take: the packed base weights
+        (infer/packed.py), and when compiling, the graphs decoding meets: one row over few and over many
+        cached positions (attention differs, SMALL_ATTENTION) and several rows. Writes into the cache's
+        slots: call it before any request holds one. (Spans of 128 and more: at 64 the span would
+        equal the head size, and torch.compile would specialise the graph on that.)"""
+        self.projections.warm()
         if self.compiled is None:
             return
         spans = [128] + ([SMALL_ATTENTION + 64] if cache.limit >= SMALL_ATTENTION + 64 else [])
@@ -195,13 +197,13 @@ class SlotDecoder:
         # Keys past a row's own position belong to nobody yet (or to a finished request): masked out.
         future = torch.arange(span, device=tokens.device)[None, :] > positions[:, None]
         bias = torch.zeros(rows, 1, 1, span, device=tokens.device).masked_fill_(future[:, None, None], float("-inf"))
-        # Every input of a compiled graph made here, in inference mode and contiguous: a tensor that
-        # differs in either way from the one a graph was traced with makes torch.compile trace anew.
-        step = (hidden.clone(memory_format=torch.contiguous_format), cos, sin_signed, bias, positions.clone(),
-                torch.arange(rows, device=tokens.device))
+        step = (hidden, cos, sin_signed, bias, positions, torch.arange(rows, device=tokens.device))
         layers = len(self.inner.layers)
         with self._projected():
             if self.compiled is not None and not rowwise:
+                # Every input of a compiled graph made here, in inference mode and contiguous: a tensor that
+                # differs in either way from the one a graph was traced with makes torch.compile trace anew.
+                step = (hidden.clone(memory_format=torch.contiguous_format), cos, sin_signed, bias, positions.clone(), step[-1])
                 for first in range(0, layers, COMPILED_LAYERS):
                     last = min(first + COMPILED_LAYERS, layers)
                     at_group(self.first_group[first])

@@ -146,14 +146,13 @@ class Engine:
         self.registry = model if isinstance(model, AdapterRegistry) else AdapterRegistry(model, max_loras)
         self.tokenizer = tokenizer
         self.decoder = SlotDecoder(self.registry.model.model, compile=compile and not deterministic)
-        self.decoder.projections.warm()
         context = getattr(self.registry.model.config, "max_position_embeddings", max_len)
         self.max_len = min(max_len, context)
         self.max_batch = max_batch
         self.deterministic = deterministic
         self.prefixes = PrefixCache(0 if deterministic else int(prefix_cache_mb * 2**20))
         self.cache: SlotCache = self.decoder.allocate(max_batch, self.max_len)
-        self.decoder.warm_up(self.cache)  # compiles, when compiling: ~30-60 s on the default model, less once inductor has cached it
+        self.decoder.warm_up(self.cache)  # packs the base weights; compiling: 30-60 s more on the default model, less once cached
         self.eos_ids = _eos_ids(self.registry.model.model, tokenizer)
         self.device = self.decoder.inner.embed_tokens.weight.device
         self._waiting: deque[_Row] = deque()

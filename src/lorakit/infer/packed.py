@@ -178,9 +178,7 @@ def _packed(cached: _Packed | None, modules: list[nn.Module], adapted: Sequence[
 
 def _merged_weight(layer: LoraLinear, name: str) -> torch.Tensor:
     weight = layer.base_layer.weight
-    if name not in layer.lora_A:
-        return weight
-    return (weight.float() + layer.delta_weight(name)).to(weight.dtype)
+    return layer.merged_weight([name]).to(weight.dtype) if name in layer.lora_A else weight
 
 
 def bank_version_of(routing: Routing | None) -> tuple:

@@ -82,6 +82,10 @@ class LoraLinear(nn.Module):
         delta = (b @ a) * self.scaling[name]
         return delta.T if self.fan_in_fan_out else delta
 
+    def merged_weight(self, names: list[str]) -> torch.Tensor:
+        """The base weight with these adapters added in, in fp32 (what merge writes back)."""
+        return self.base_layer.weight.float() + sum(self.delta_weight(n) for n in names)
+
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, safe: bool = False) -> None:
         """Add the active (or given) adapters into the base weight; outputs stay the same."""
@@ -91,7 +95,7 @@ class LoraLinear(nn.Module):
         weight = self.base_layer.weight
         if is_quantized(weight):
             raise LorakitError("cannot merge in place into a quantized base layer; use merge_and_unload() or `lorakit merge`, which dequantize first")
-        merged = weight.float() + sum(self.delta_weight(n) for n in names)
+        merged = self.merged_weight(names)
         if safe and not torch.isfinite(merged).all():
             raise LorakitError(f"merging adapters {names} gives NaN or inf weights; the adapter is broken, retrain it")
         weight.copy_(merged.to(weight.dtype))
