@@ -89,6 +89,7 @@ def test_compiled_decode_runs_each_rows_adapters_in_bf16() -> None:
 
     model = tiny_lora_model(dtype=torch.bfloat16)
     eager, compiled = SlotDecoder(model.model), SlotDecoder(model.model, compile=True)
+    assert eager.attention_kernel is None and compiled.attention_kernel is not None  # bf16: the C++ kernel attends
     prompts = torch.randint(2, 128, (3, 6), generator=torch.Generator().manual_seed(0))
     with routed(model.routing(["a", "__base__", {"b": 0.7, "c": 0.3}])):
         (mine, theirs, *_), = _decode_both(eager, compiled, prompts, (3,))

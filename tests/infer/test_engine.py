@@ -181,3 +181,15 @@ def test_a_compiled_engine_meets_no_new_graph_after_warm_up_and_gives_the_eager_
         together = [h.result().token_ids for h in handles]
         alone = compiled.generate([PROMPTS[0]], [ADAPTERS[0]], params[0])[0].token_ids  # one row, many positions
     assert together == expected and alone == expected[0]
+
+
+def test_a_compiled_bf16_engine_with_the_attention_kernel_meets_no_new_graph_after_warm_up() -> None:
+    model = tiny_lora_model(dtype=torch.bfloat16)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (220, 4, 30, 9)]
+    compiled = engine(model, max_batch=3, max_len=256, compile=True)
+    assert compiled.decoder.attention_kernel is not None
+    with torch.compiler.set_stance("fail_on_recompile"):
+        handles = [compiled.submit(p, a, s) for p, a, s in zip(PROMPTS, ADAPTERS, params)]
+        counts = [len(h.result().token_ids) for h in handles]
+        alone = compiled.generate([PROMPTS[1]], [ADAPTERS[1]], params[1])[0]
+    assert counts == [220, 4, 30, 9] and len(alone.token_ids) == 4

@@ -26,6 +26,7 @@ from lorakit.errors import LorakitError
 from lorakit.infer.cache import SlotCache
 from lorakit.infer.compiled import active, at_group, project
 from lorakit.infer.packed import FusedLinear, Projections
+from lorakit.kernels import decode_attention
 from lorakit.lora.routing import current_routing
 
 SMALL_ATTENTION = 192  # cached positions up to which one row's decode attention runs in fp32 (0.6-0.7 ms a step; a wash at 256)
@@ -99,9 +100,10 @@ def _mark_varying(step: tuple[torch.Tensor, ...], cache: SlotCache) -> None:
     """Mark a compiled step's varying sizes dynamic: its rows (one row is a graph of its own) and the
     cache span. Marks matter only when a graph is traced, and cost ~80 us a call, so warm_up makes them."""
     if step[0].shape[0] > 1:
-        for tensor in step:  # hidden, cos, sin, bias, positions, row index: rows first
+        for tensor in step:  # hidden, cos, sin, visible, positions, row index: rows first
             torch._dynamo.mark_dynamic(tensor, 0)
-    torch._dynamo.mark_dynamic(step[3], 3)  # the bias (B, 1, 1, span)
+    if step[3].dim() == 4:  # a mask (B, 1, 1, span) rather than the rows' lengths
+        torch._dynamo.mark_dynamic(step[3], 3)
     for tensor in cache.keys + cache.values:
         torch._dynamo.mark_dynamic(tensor, 2)
 
@@ -112,7 +114,8 @@ class SlotDecoder:
     def __init__(self, model: nn.Module, pack: bool = True, compile: bool = False) -> None:
         """`pack=False` runs every projection as its own module (for comparison; packing is used only
         where it applies, see infer/packed.py); `compile` compiles the decode step where it applies
-        (infer/compiled.py: a CPU model whose layers all have Llama's norms and gated MLP)."""
+        (infer/compiled.py: a CPU model whose layers all have Llama's norms and gated MLP) and, in bf16
+        on a CPU, attends through lorakit's C++ kernel (kernels/decode_attention.py)."""
         self.model = model
         self.inner = decoder_parts(model)
         config = model.config
@@ -141,6 +144,9 @@ class SlotDecoder:
         # Only the row count and the cache span vary (marked while warming up); every other size is the
         # model's, and inductor's loops over static sizes (head size, widths) ran the glue 25% faster.
         self.compiled = torch.compile(self._decode_chunk, dynamic=False) if compile and uniform and on_cpu else None
+        # With `compile`, decode attention runs as lorakit's C++ kernel where it applies (bf16 on a CPU).
+        applies = compile and on_cpu and self.inner.embed_tokens.weight.dtype == torch.bfloat16 and self.head_dim <= 256
+        self.attention_kernel = decode_attention.load() if applies else None
         self._tracing = False  # warm_up is running: mark the sizes that vary on the graphs' inputs
 
     def allocate(self, slots: int, length: int) -> SlotCache:
@@ -210,18 +216,15 @@ class SlotDecoder:
         depend on the other rows' lengths (the batch-invariant mode; never compiled)."""
         rows = tokens.shape[0]
         cache.fit(int(positions.max()) + 1, shrink=True)
-        span = cache.capacity  # every row attends over the whole capacity, its own future masked
         hidden, cos, sin_signed = self._embed(tokens[:, None], positions[:, None])
-        # Keys past a row's own position belong to nobody yet (or to a finished request): masked out.
-        future = torch.arange(span, device=tokens.device)[None, :] > positions[:, None]
-        bias = torch.zeros(rows, 1, 1, span, device=tokens.device).masked_fill_(future[:, None, None], float("-inf"))
-        step = (hidden, cos, sin_signed, bias, positions, torch.arange(rows, device=tokens.device))
+        visible = positions + 1 if self.attention_kernel is not None and not rowwise else self._mask(positions, cache.capacity)
+        step = (hidden, cos, sin_signed, visible, positions, torch.arange(rows, device=tokens.device))
         layers = len(self.inner.layers)
         with self._projected():
             if self.compiled is not None and not rowwise:
                 # Every input of a compiled graph made here, in inference mode and contiguous: a tensor that
                 # differs in either way from the one a graph was traced with makes torch.compile trace anew.
-                step = (hidden.clone(memory_format=torch.contiguous_format), cos, sin_signed, bias, positions.clone(), step[-1])
+                step = (hidden.clone(memory_format=torch.contiguous_format), cos, sin_signed, visible, positions.clone(), step[-1])
                 if self._tracing:
                     _mark_varying(step, cache)
                 for first in range(0, layers, COMPILED_LAYERS):
@@ -237,20 +240,27 @@ class SlotDecoder:
                     step = (hidden, *step[1:])
             return self._logits(hidden[:, 0])
 
-    def _decode_chunk(self, hidden: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, bias: torch.Tensor,
+    @staticmethod
+    def _mask(positions: torch.Tensor, span: int) -> torch.Tensor:
+        """(B, 1, 1, span) additive mask: every row attends over the whole cache capacity, and the keys
+        past its own position (nobody's yet, or a finished request's) are -inf."""
+        future = torch.arange(span, device=positions.device)[None, :] > positions[:, None]
+        return torch.zeros(positions.shape[0], 1, 1, span, device=positions.device).masked_fill_(future[:, None, None], float("-inf"))
+
+    def _decode_chunk(self, hidden: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, visible: torch.Tensor,
                       positions: torch.Tensor, row_index: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
                       norms: list[torch.Tensor]) -> torch.Tensor:
         """Decode through consecutive layers (their caches and norm weights given), the first at group 0:
         what `torch.compile` compiles, so it reads no layer's module and no Python number of a tensor.
         Only uniform models are compiled: every layer has four groups (q/k/v, o, gate/up, down), and
         layer j of the chunk stands in for any layer in the per-layer lists (gated, activations)."""
-        step = (cos, sin_signed, bias, positions, row_index)
+        step = (cos, sin_signed, visible, positions, row_index)
         for j in range(len(keys)):
             hidden = self._decode_layer(j, 4 * j, hidden, *step, keys[j], values[j], norms=norms[2 * j : 2 * j + 2])
         return hidden
 
     def _decode_layer(self, index: int, group: int, hidden: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
-                      bias: torch.Tensor, positions: torch.Tensor, row_index: torch.Tensor, keys: torch.Tensor,
+                      visible: torch.Tensor, positions: torch.Tensor, row_index: torch.Tensor, keys: torch.Tensor,
                       values: torch.Tensor, position: int | None = None, rowwise: bool = False,
                       norms: Sequence[torch.Tensor | nn.Module] | None = None) -> torch.Tensor:
         """One layer of a decode step: the layer `index` of the model (or of a compiled chunk, its norms
@@ -264,11 +274,13 @@ class SlotDecoder:
         else:
             keys[row_index, :, positions] = k[:, :, 0]
             values[row_index, :, positions] = v[:, :, 0]
-        if rowwise:
+        if self.attention_kernel is not None and not rowwise:  # `visible`: the rows' lengths
+            out = self.attention_kernel(q.reshape(rows, self.kv_heads, -1, self.head_dim), keys, values, visible, self.scale)
+        elif rowwise:
             out = torch.cat([self._attend(q[b : b + 1], keys[b : b + 1, :, : int(positions[b]) + 1],
                                           values[b : b + 1, :, : int(positions[b]) + 1], None) for b in range(rows)])
         else:
-            out = self._attend(q, keys[:rows, :, :span], values[:rows, :, :span], bias)
+            out = self._attend(q, keys[:rows, :, :span], values[:rows, :, :span], visible)
         return self._finish_layer(index, group, hidden, out.view(rows, 1, -1), norms[1])
 
     def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
