@@ -191,7 +191,6 @@ def main() -> int:
     alone = [engine.generate([p], [a], params)[0] for p, a in zip(prompts[:16], adapters[:16])]
     differ = sum(o.token_ids != a.token_ids for o, a in zip(outs[:16], alone))
     print(f"  default mode: {differ} of 16 responses differ from the same request run alone", flush=True)
-    engine.close()
 
     det = Engine(lora, tokenizer, max_batch=args.concurrency, max_len=1024, deterministic=True)
     det_outs, wall = run_load(det, prompts, adapters, params, args.concurrency)
@@ -202,21 +201,18 @@ def main() -> int:
           f"cost {rows['mixed']['tokens/s'] / det_row['tokens/s']:.2f}x the default mode's time", flush=True)
     det.close()
 
-    engine = Engine(lora, tokenizer, max_batch=args.concurrency, max_len=1024, compile=True)
     decode_ratio, prefill_ratio = forward_ratio(engine)
     print(f"\none forward, 16 rows over {ADAPTERS} distinct adapters / base alone: decode step {decode_ratio:.2f}x, "
           f"prefill of 16 x 128 tokens {prefill_ratio:.2f}x", flush=True)
 
     print(f"\none stream, {args.single_tokens} new tokens, one adapter:", flush=True)
     rows["single"] = single_stream(engine, prompts[0], args.single_tokens)
-    engine.close()
     # The base's weights (the tied embedding / head once); the adapter banks add ~2% on top.
     weight_bytes = sum(p.numel() * p.element_size() for n, p in lora.model.named_parameters() if "lora_" not in n)
     bandwidth = copy_bandwidth()
     limit = bandwidth / weight_bytes
     print(f"  lorakit: {rows['single']:.1f} tok/s; weights {weight_bytes / 1e6:.0f} MB read per token, copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s -> limit {limit:.0f} tok/s; lorakit at {100 * rows['single'] / limit:.0f}% of it", flush=True)
-    del lora, engine
 
     peer: dict = {}
     if not args.skip_peft:
@@ -236,11 +232,10 @@ def main() -> int:
         vllm = vllm_rows(args.vllm_venv, default_model_dir(), paths, chat_requests(args.requests), adapters, args)
         peer.update({"vllm mixed": vllm["mixed"]["tokens/s"], "vllm base": vllm["base"]["tokens/s"], "vllm single": vllm["single"]})
 
-    # The machine's speed drifts over minutes: lorakit runs again after the peers, and every ratio is
-    # given against both of its runs.
+    # The machine's speed drifts over minutes: the same engine runs again after the peers, and every
+    # ratio is given against both of its runs. (A second model and engine built here after the peers
+    # ran 8-14% below the first in three runs; the first engine run again after vLLM showed no drop.)
     print("\nlorakit again, after the peers:", flush=True)
-    engine = Engine(lorakit_model(paths), tokenizer, max_batch=args.concurrency, max_len=1024, compile=True)
-    engine.generate(prompts[:2], adapters[:2], SamplingParams(max_tokens=4))
     again, _ = lorakit_loads(engine, prompts, adapters, params, args)
     again["single"] = single_stream(engine, prompts[0], args.single_tokens)
     print(f"  one stream: {again['single']:.1f} tok/s", flush=True)
