@@ -193,3 +193,16 @@ def test_a_compiled_bf16_engine_with_the_attention_kernel_meets_no_new_graph_aft
         counts = [len(h.result().token_ids) for h in handles]
         alone = compiled.generate([PROMPTS[1]], [ADAPTERS[1]], params[1])[0]
     assert counts == [220, 4, 30, 9] and len(alone.token_ids) == 4
+
+
+def test_loading_the_first_adapters_into_a_compiled_engine_recompiles_nothing(tmp_path) -> None:
+    from tests.helpers import write_peft_adapter
+
+    for seed, name in enumerate(("x", "y")):
+        write_peft_adapter(tmp_path / name, seed, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    compiled = engine(make_tiny_llama().to(torch.bfloat16), max_batch=3, max_len=256, compile=True)  # trainable base
+    for name in ("x", "y"):  # as `lorakit serve --adapter` does: loading freezes the base under the graphs
+        compiled.registry.load(name, tmp_path / name)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        out = compiled.generate(["hello", "abc", "xyz"], ["x", "y", None], SamplingParams(max_tokens=6, ignore_eos=True))
+    assert [o.completion_tokens for o in out] == [6, 6, 6]

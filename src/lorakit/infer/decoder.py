@@ -46,7 +46,9 @@ class Norms:
         epsilons = {getattr(m, "variance_epsilon", None) for m in modules}
         self.plain = all(type(m).__name__ in _LLAMA_NORMS for m in modules) and len(epsilons) == 1
         self.eps = epsilons.pop() if self.plain else 0.0
-        self.norms: list[torch.Tensor | nn.Module] = [m.weight if self.plain else m for m in modules]
+        # Detached: the same storage, but no requires_grad flag that loading an adapter (which freezes the
+        # base) would flip under a compiled graph's guards, recompiling every graph at the first adapter.
+        self.norms: list[torch.Tensor | nn.Module] = [m.weight.detach() if self.plain else m for m in modules]
 
     def __call__(self, norm: torch.Tensor | nn.Module, x: torch.Tensor) -> torch.Tensor:
         if isinstance(norm, torch.Tensor):
