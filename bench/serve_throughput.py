@@ -72,8 +72,8 @@ def start_lorakit(exe: str, paths: dict[str, Path], port: int, max_batch: int, m
         cmd += ["--adapter", f"{name}={path}"]
     if deterministic:
         cmd.append("--deterministic")
-    if compile:
-        cmd.append("--compile")
+    if not compile:
+        cmd.append("--no-compile")
     fd, log_path = tempfile.mkstemp(prefix=f"lorakit_serve_{port}_", suffix=".log")
     with os.fdopen(fd, "wb") as log:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
@@ -337,7 +337,7 @@ def main() -> int:
     parser.add_argument("--lorakit", default=None, help="the lorakit console script (default: next to this python)")
     parser.add_argument("--rounds", type=int, default=2, help="HTTP / in-process pairs of the throughput load (overhead averaged)")
     parser.add_argument("--no-compile", action="store_true", help="lorakit's decode step eager, in the server and in-process "
-                        "(default: compiled in both, `lorakit serve --compile`)")
+                        "(default: compiled in both, as `lorakit serve` does)")
     parser.add_argument("--skip-vllm", action="store_true")
     parser.add_argument("--skip-inprocess", action="store_true")
     parser.add_argument("--skip-stress", action="store_true")

@@ -56,7 +56,8 @@ def server(adapter_root):
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "lorakit.cli", "serve", "--adapter", f"one={adapter_root / 'one'}", "--adapter-root",
-         str(adapter_root), "--port", str(port), "--api-key", KEY, "--max-batch", "8", "--max-model-len", "512"],
+         str(adapter_root), "--port", str(port), "--api-key", KEY, "--max-batch", "8", "--max-model-len", "512",
+         "--no-compile"],  # compiling would add 10-60 s to start-up; the compiled path has tests of its own
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
