@@ -236,6 +236,7 @@ def main() -> int:
     # ratio is given against both of its runs. (A second model and engine built here after the peers
     # ran 8-14% below the first in three runs; the first engine run again after vLLM showed no drop.)
     print("\nlorakit again, after the peers:", flush=True)
+    engine.prefixes.clear()  # as in the first run: prompt blocks shared within the load only, none from before
     again, _ = lorakit_loads(engine, prompts, adapters, params, args)
     again["single"] = single_stream(engine, prompts[0], args.single_tokens)
     print(f"  one stream: {again['single']:.1f} tok/s", flush=True)

@@ -37,6 +37,9 @@ def test_engine_with_prefix_cache_gives_the_tokens_of_one_without() -> None:
     expected = [out.token_ids for out in cold.generate(prompts, adapters, params)]
     assert [out.token_ids for out in warm.generate(prompts, adapters, params)] == expected
     assert warm.prefixes.hits > 0 and cold.prefixes.hits == 0
+    warm.prefixes.clear()
+    assert len(warm.prefixes) == 0 and warm.prefixes.nbytes == 0
+    assert [out.token_ids for out in warm.generate(prompts, adapters, params)] == expected  # refilled from empty
 
 
 def test_cached_blocks_belong_to_one_adapter_mix_and_its_weights() -> None:

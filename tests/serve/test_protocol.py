@@ -19,3 +19,11 @@ def test_templated_text_chunks_equal_the_built_ones() -> None:
             if chat and not piece:
                 expected["choices"][0]["delta"] = {"content": ""}  # the template always carries the content key
             assert body == expected
+
+
+def test_serve_compiles_unless_told_not_to() -> None:
+    from lorakit.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["serve"]).compile is True
+    assert parser.parse_args(["serve", "--no-compile"]).compile is False

@@ -45,6 +45,11 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
+    def clear(self) -> None:
+        """Drop every cached block (a benchmark repeating a load starts it from an empty cache)."""
+        self._blocks.clear()
+        self.nbytes = 0
+
     def cached_length(self, prompt: Sequence[int], mix: Hashable) -> int:
         """How many leading tokens of `prompt` are cached for `mix` (whole blocks; always at least one
         token short of the prompt, whose logits the prefill must compute)."""
