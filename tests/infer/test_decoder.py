@@ -30,7 +30,10 @@ def test_rms_norm_is_bit_equal_to_transformers(dtype: torch.dtype) -> None:
         norm.weight.normal_(1.0, 0.3)
     x = (torch.randn(4, 3, 48) * 3).to(dtype)
     norms = Norms([norm])
-    assert norms.plain and norms.norms[0] is norm.weight
+    assert norms.plain and norms.norms[0].data_ptr() == norm.weight.data_ptr() and not norms.norms[0].requires_grad
+    assert torch.equal(norms(norms.norms[0], x), norm(x))
+    norm.weight.data = torch.rand(48, dtype=dtype) + 0.5  # new storage, as Module.to gives
+    norms.refresh()
     assert torch.equal(norms(norms.norms[0], x), norm(x))
     other = Norms([norm, torch.nn.LayerNorm(48)])
     assert not other.plain and other.norms[1] is not None and torch.equal(other(other.norms[0], x), norm(x))  # kept as modules

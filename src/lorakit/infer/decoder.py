@@ -46,9 +46,15 @@ class Norms:
         epsilons = {getattr(m, "variance_epsilon", None) for m in modules}
         self.plain = all(type(m).__name__ in _LLAMA_NORMS for m in modules) and len(epsilons) == 1
         self.eps = epsilons.pop() if self.plain else 0.0
+        self._weights = [m.weight for m in modules] if self.plain else []
         # Detached: the same storage, but no requires_grad flag that loading an adapter (which freezes the
         # base) would flip under a compiled graph's guards, recompiling every graph at the first adapter.
-        self.norms: list[torch.Tensor | nn.Module] = [m.weight.detach() if self.plain else m for m in modules]
+        self.norms: list[torch.Tensor | nn.Module] = [w.detach() for w in self._weights] if self.plain else list(modules)
+
+    def refresh(self) -> None:
+        """Follow weights whose storage was replaced since (`param.data = ...`, as Module.to does): ~5 us."""
+        if any(n.data_ptr() != w.data_ptr() for n, w in zip(self.norms, self._weights)):
+            self.norms = [w.detach() for w in self._weights]
 
     def __call__(self, norm: torch.Tensor | nn.Module, x: torch.Tensor) -> torch.Tensor:
         if isinstance(norm, torch.Tensor):
@@ -191,6 +197,7 @@ class SlotDecoder:
         rows, steps = input_ids.shape
         end = start + steps
         cache.fit(end)
+        self.norm.refresh()
         hidden, cos, sin_signed = self._embed(input_ids, torch.arange(start, end, device=input_ids.device).expand(rows, steps))
         slots = slice(first_slot, first_slot + rows)
         # With a cached prefix the queries attend over it too: query t sees positions up to start + t.
@@ -218,6 +225,7 @@ class SlotDecoder:
         depend on the other rows' lengths (the batch-invariant mode; never compiled)."""
         rows = tokens.shape[0]
         cache.fit(int(positions.max()) + 1, shrink=True)
+        self.norm.refresh()
         hidden, cos, sin_signed = self._embed(tokens[:, None], positions[:, None])
         visible = positions + 1 if self.attention_kernel is not None and not rowwise else self._mask(positions, cache.capacity)
         step = (hidden, cos, sin_signed, visible, positions, torch.arange(rows, device=tokens.device))
