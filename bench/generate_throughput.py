@@ -232,9 +232,9 @@ def main() -> int:
         vllm = vllm_rows(args.vllm_venv, default_model_dir(), paths, chat_requests(args.requests), adapters, args)
         peer.update({"vllm mixed": vllm["mixed"]["tokens/s"], "vllm base": vllm["base"]["tokens/s"], "vllm single": vllm["single"]})
 
-    # The machine's speed drifts over minutes: the same engine runs again after the peers, and every
-    # ratio is given against both of its runs. (A second model and engine built here after the peers
-    # ran 8-14% below the first in three runs; the first engine run again after vLLM showed no drop.)
+    # The machine's speed drifts over minutes: the same engine runs again after the peers (the system
+    # measured twice is one system), and every ratio is given against both of its runs. This second run
+    # has come out 3-14% below the first; no single peer run before it reproduced that in isolation.
     print("\nlorakit again, after the peers:", flush=True)
     engine.prefixes.clear()  # as in the first run: prompt blocks shared within the load only, none from before
     again, _ = lorakit_loads(engine, prompts, adapters, params, args)
