@@ -220,8 +220,39 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(server, client) -> N
     assert proc.wait(timeout=60) == 0
 
 
-def test_a_negative_prefix_cache_is_refused_in_one_line() -> None:
-    done = subprocess.run([sys.executable, "-m", "lorakit.cli", "serve", "--prefix-cache-mb", "-1"],
+@pytest.mark.parametrize("flag, message", [("--prefix-cache-mb", "--prefix-cache-mb must be >= 0"),
+                                           ("--stream-interval", "--stream-interval must be >= 0 milliseconds")])
+def test_a_negative_size_is_refused_in_one_line(flag: str, message: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "lorakit.cli", "serve", flag, "-1"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert "--prefix-cache-mb must be >= 0" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_the_event_relay_sends_a_started_streams_text_in_fewer_larger_bursts() -> None:
+    import asyncio
+
+    from lorakit.serve.app import EventRelay
+
+    async def run(interval: float) -> tuple[list[object], int]:
+        relay, queue = EventRelay(interval), asyncio.Queue()
+        post, wakeups = relay.listener(queue), 0
+        deliver = relay._deliver
+
+        def counted() -> None:
+            nonlocal wakeups
+            wakeups += 1
+            deliver()
+
+        relay._deliver = counted
+        post("first")  # goes at once
+        await asyncio.sleep(0.01)
+        for piece in ("a", "b", "c"):  # within the interval: wait for the next events
+            post(piece)
+            await asyncio.sleep(0.01)
+        post(None)  # the final event: at once, with what waited
+        await asyncio.sleep(0.01)
+        return [queue.get_nowait() for _ in range(queue.qsize())], wakeups
+
+    assert asyncio.run(run(10.0)) == (["first", "a", "b", "c", None], 2)
+    assert asyncio.run(run(0.0)) == (["first", "a", "b", "c", None], 5)  # every event as it is made

@@ -29,6 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--prefix-cache-mb", type=float, default=128,
                         help="memory for prompt blocks shared between requests (a system prompt's keys and values); 0: off")
     parser.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond the batch before 503")
+    parser.add_argument("--stream-interval", type=float, default=30, metavar="MS",
+                        help="a streamed answer's text is sent at most this often (its first piece and its end at once): "
+                        "fewer, larger chunks leave the CPU to generation; 0 sends every token as it is made (default 30)")
     parser.add_argument("--deterministic", action="store_true",
                         help="batch-invariant mode: a greedy answer never depends on what else is running (slower)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
@@ -73,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--max-batch", args.max_batch), ("--max-model-len", args.max_model_len), ("--port", args.port)):
         if value < 1:
             raise LorakitError(f"{flag} must be >= 1")
+    if args.stream_interval < 0:
+        raise LorakitError("--stream-interval must be >= 0 milliseconds (0 sends every token as it is made)")
     if args.prefix_cache_mb < 0:
         raise LorakitError("--prefix-cache-mb must be >= 0 (0 turns prefix caching off)")
     root = Path(args.adapter_root) if args.adapter_root else None
@@ -92,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.compiler.set_stance("eager_on_recompile")  # process-wide: this process is the server's own
-    settings = ServeSettings(name, str(model_dir), args.api_key, root, max_waiting=args.max_waiting)
+    settings = ServeSettings(name, str(model_dir), args.api_key, root, max_waiting=args.max_waiting,
+                             stream_interval=args.stream_interval / 1000)
     app = build_app(engine, settings)
     print(f"lorakit serve: http://{args.host}:{args.port}/v1  model {name!r}, adapters {[a for a, _ in adapters]}"
           f"{', batch-invariant' if args.deterministic else ''}", flush=True)
