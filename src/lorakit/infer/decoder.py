@@ -227,14 +227,14 @@ class SlotDecoder:
         cache.fit(int(positions.max()) + 1, shrink=True)
         self.norm.refresh()
         hidden, cos, sin_signed = self._embed(tokens[:, None], positions[:, None])
-        visible = positions + 1 if self.attention_kernel is not None and not rowwise else self._mask(positions, cache.capacity)
-        step = (hidden, cos, sin_signed, visible, positions, torch.arange(rows, device=tokens.device))
+        step = (hidden, cos, sin_signed, self._visible(positions, cache.capacity, rowwise), positions,
+                torch.arange(rows, device=tokens.device))
         layers = len(self.inner.layers)
         with self._projected():
             if self.compiled is not None and not rowwise:
                 # Every input of a compiled graph made here, in inference mode and contiguous: a tensor that
                 # differs in either way from the one a graph was traced with makes torch.compile trace anew.
-                step = (hidden.clone(memory_format=torch.contiguous_format), cos, sin_signed, visible, positions.clone(), step[-1])
+                step = (hidden.clone(memory_format=torch.contiguous_format), cos, sin_signed, step[3], positions.clone(), step[-1])
                 if self._tracing:
                     _mark_varying(step, cache)
                 for first in range(0, layers, COMPILED_LAYERS):
@@ -250,10 +250,14 @@ class SlotDecoder:
                     step = (hidden, *step[1:])
             return self._logits(hidden[:, 0])
 
-    @staticmethod
-    def _mask(positions: torch.Tensor, span: int) -> torch.Tensor:
-        """(B, 1, 1, span) additive mask: every row attends over the whole cache capacity, and the keys
-        past its own position (nobody's yet, or a finished request's) are -inf."""
+    def _visible(self, positions: torch.Tensor, span: int, rowwise: bool) -> torch.Tensor | None:
+        """What keeps each row's attention to its own positions: nothing row by row (each row attends
+        over its own slice), the rows' lengths for the kernel, else a (B, 1, 1, span) additive mask over
+        the whole cache capacity, -inf past each row's position (nobody's yet, or a finished request's)."""
+        if rowwise:
+            return None
+        if self.attention_kernel is not None:
+            return positions + 1
         future = torch.arange(span, device=positions.device)[None, :] > positions[:, None]
         return torch.zeros(positions.shape[0], 1, 1, span, device=positions.device).masked_fill_(future[:, None, None], float("-inf"))
 
@@ -270,7 +274,7 @@ class SlotDecoder:
         return hidden
 
     def _decode_layer(self, index: int, group: int, hidden: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
-                      visible: torch.Tensor, positions: torch.Tensor, row_index: torch.Tensor, keys: torch.Tensor,
+                      visible: torch.Tensor | None, positions: torch.Tensor, row_index: torch.Tensor, keys: torch.Tensor,
                       values: torch.Tensor, position: int | None = None, rowwise: bool = False,
                       norms: Sequence[torch.Tensor | nn.Module] | None = None) -> torch.Tensor:
         """One layer of a decode step: the layer `index` of the model (or of a compiled chunk, its norms
@@ -284,11 +288,11 @@ class SlotDecoder:
         else:
             keys[row_index, :, positions] = k[:, :, 0]
             values[row_index, :, positions] = v[:, :, 0]
-        if self.attention_kernel is not None and not rowwise:  # `visible`: the rows' lengths
-            out = self.attention_kernel(q.reshape(rows, self.kv_heads, -1, self.head_dim), keys, values, visible, self.scale)
-        elif rowwise:
+        if rowwise:
             out = torch.cat([self._attend(q[b : b + 1], keys[b : b + 1, :, : int(positions[b]) + 1],
                                           values[b : b + 1, :, : int(positions[b]) + 1], None) for b in range(rows)])
+        elif self.attention_kernel is not None:  # `visible`: the rows' lengths
+            out = self.attention_kernel(q.reshape(rows, self.kv_heads, -1, self.head_dim), keys, values, visible, self.scale)
         else:
             out = self._attend(q, keys[:rows, :, :span], values[:rows, :, :span], visible)
         return self._finish_layer(index, group, hidden, out.view(rows, 1, -1), norms[1])
