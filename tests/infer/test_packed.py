@@ -8,15 +8,16 @@ from torch import nn
 
 from lorakit.infer.decoder import SlotDecoder
 from lorakit.infer.packed import FusedLinear, can_pack
+from lorakit.kernels import routed_lora
 from lorakit.lora.routing import current_routing, routed
 from tests.helpers import tiny_lora_model
 
 def outputs(fused: FusedLinear, x: torch.Tensor) -> list[torch.Tensor]:
     """Each layer's output from the fused call, under the current routing."""
     routing = current_routing()
-    scales = routing.column_scales(x.dtype) if routing is not None and not routing.base_only else None
+    routing = routing if routing is not None and not routing.base_only else None
     sizes = [getattr(m, "base_layer", m).out_features for m in fused.modules()]
-    return list(fused.resolve(routing, x.dtype)(x, scales).split(sizes, dim=-1))
+    return list(fused.resolve(routing, x.dtype)(x, routing).split(sizes, dim=-1))
 
 
 needs_packing = pytest.mark.skipif(not can_pack([nn.Linear(4, 4, dtype=torch.bfloat16)]),
@@ -28,15 +29,18 @@ def _close_in_bf16(mine: torch.Tensor, reference: torch.Tensor) -> None:
 
 
 @needs_packing
-def test_fused_projections_give_each_module_output_with_routed_adapters() -> None:
+@pytest.mark.parametrize("by_kernel", [False, True], ids=["banks", "kernel"])
+def test_fused_projections_give_each_module_output_with_routed_adapters(by_kernel: bool) -> None:
     model = tiny_lora_model(dtype=torch.bfloat16)
     attn = model.model.model.layers[0].self_attn
-    fused = FusedLinear(attn, ["q_proj", "k_proj", "v_proj"])
+    fused = FusedLinear(attn, ["q_proj", "k_proj", "v_proj"], kernel=routed_lora.load() if by_kernel else None)
     modules = [attn.q_proj, attn.k_proj, attn.v_proj]
     x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
-    with torch.inference_mode(), routed(model.routing(["a", "b", {"a": 0.5, "c": 1.0}])):
+    with torch.inference_mode(), routed(model.routing(["a", "__base__", {"a": 0.5, "c": 1.0}])):
         for mine, module in zip(outputs(fused, x), modules):
             _close_in_bf16(mine, module(x))
+    if by_kernel:  # the kernel adds the adapters onto the base matmul: no second copy of the base weights
+        assert fused._routed.weight is fused._plain.weight
 
 
 @needs_packing

@@ -1,7 +1,5 @@
 """lorakit's C++ decode-attention kernel against its plain-torch oracle."""
 
-import warnings
-
 import pytest
 import torch
 
@@ -56,19 +54,3 @@ def test_bad_inputs_are_refused(kernel) -> None:
         kernel(q.float(), keys, values, torch.ones(5, dtype=torch.long), 0.125)
     with pytest.raises(RuntimeError, match="shapes of q, keys and lengths disagree"):
         kernel(q, keys, values, torch.ones(4, dtype=torch.long), 0.125)
-
-
-def test_a_failed_build_warns_once_and_gives_none(monkeypatch) -> None:
-    import torch.utils.cpp_extension
-
-    def no_ninja(*args, **kwargs):
-        raise RuntimeError("Ninja is required to load C++ extensions\nmore")
-
-    monkeypatch.setattr(decode_attention, "_loaded", None)
-    monkeypatch.setattr(decode_attention, "_failed", None)
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_ninja)
-    with pytest.warns(UserWarning, match=r"Ninja is required to load C\+\+ extensions\); decoding uses batched matmuls"):
-        assert decode_attention.load() is None
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert decode_attention.load() is None  # no second attempt, no second warning

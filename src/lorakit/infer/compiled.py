@@ -26,17 +26,18 @@ from typing import Iterator, Sequence
 import torch
 
 from lorakit.infer.packed import Projection
+from lorakit.lora.routing import Routing
 
 _library = torch.library.Library("lorakit", "DEF")
 _library.define("project(Tensor x, int group, int width) -> Tensor")
 
 
 class _Running(threading.local):
-    """The step running in this thread: its projections and column scales, and the first group of the
-    layer (or chunk of layers) being run, which `project`'s group numbers count from."""
+    """The step running in this thread: its projections and routing, and the first group of the layer
+    (or chunk of layers) being run, which `project`'s group numbers count from."""
 
     projections: Sequence[Projection] = ()
-    scales: torch.Tensor | None = None
+    routing: Routing | None = None
     first: int = 0
 
 
@@ -44,7 +45,7 @@ _running = _Running()
 
 
 def _project(x: torch.Tensor, group: int, width: int) -> torch.Tensor:
-    out = _running.projections[_running.first + group](x, _running.scales)
+    out = _running.projections[_running.first + group](x, _running.routing)
     return out if out.is_contiguous() else out.contiguous()  # graphs are traced with a contiguous output
 
 
@@ -59,14 +60,14 @@ project = torch.ops.lorakit.project.default
 
 
 @contextmanager
-def active(projections: Sequence[Projection], scales: torch.Tensor | None) -> Iterator[None]:
-    """Make `project` run these projections (one per group, in order) with these column scales."""
-    saved = (_running.projections, _running.scales, _running.first)
-    _running.projections, _running.scales, _running.first = projections, scales, 0
+def active(projections: Sequence[Projection], routing: Routing | None) -> Iterator[None]:
+    """Make `project` run these projections (one per group, in order) under this routing."""
+    saved = (_running.projections, _running.routing, _running.first)
+    _running.projections, _running.routing, _running.first = projections, routing, 0
     try:
         yield
     finally:
-        _running.projections, _running.scales, _running.first = saved
+        _running.projections, _running.routing, _running.first = saved
 
 
 def at_group(first_group: int) -> None:

@@ -26,7 +26,7 @@ from lorakit.errors import LorakitError
 from lorakit.infer.cache import SlotCache
 from lorakit.infer.compiled import active, at_group, project
 from lorakit.infer.packed import FusedLinear, Projections
-from lorakit.kernels import decode_attention
+from lorakit.kernels import decode_attention, routed_lora
 from lorakit.lora.routing import current_routing
 
 SMALL_ATTENTION = 192  # cached positions up to which one row's decode attention runs in fp32 (0.6-0.7 ms a step; a wash at 256)
@@ -137,18 +137,21 @@ class SlotDecoder:
         self.mlps = [layer.mlp for layer in layers]  # held: module attribute look-ups cost ~1 us each, per layer per step
         self.activations = [activation(mlp.act_fn) if gated else None for mlp, gated in zip(self.mlps, self.gated)]
         self.qk_norms = [(a.q_norm, a.k_norm) if hasattr(a, "q_norm") else None for a in (layer.self_attn for layer in layers)]
+        on_cpu = self.inner.embed_tokens.weight.device.type == "cpu"
+        # With `compile`, routed adapters are added by lorakit's C++ kernel (kernels/routed_lora.py).
+        lora_kernel = routed_lora.load() if compile and pack and on_cpu else None
         groups: list[FusedLinear] = []  # per layer: q/k/v, o, then gate/up and down for gated MLPs; the output head last
         self.first_group: list[int] = []  # each layer's first group
         for layer, gated in zip(layers, self.gated):
             self.first_group.append(len(groups))
-            groups += [FusedLinear(layer.self_attn, ["q_proj", "k_proj", "v_proj"], pack), FusedLinear(layer.self_attn, ["o_proj"], pack)]
+            attention, mlp = layer.self_attn, layer.mlp
+            groups += [FusedLinear(attention, ["q_proj", "k_proj", "v_proj"], pack, lora_kernel), FusedLinear(attention, ["o_proj"], pack, lora_kernel)]
             if gated:
-                groups += [FusedLinear(layer.mlp, ["gate_proj", "up_proj"], pack), FusedLinear(layer.mlp, ["down_proj"], pack)]
-        groups.append(FusedLinear(model, [_head_name(model)], pack))
+                groups += [FusedLinear(mlp, ["gate_proj", "up_proj"], pack, lora_kernel), FusedLinear(mlp, ["down_proj"], pack, lora_kernel)]
+        groups.append(FusedLinear(model, [_head_name(model)], pack, lora_kernel))
         self.projections = Projections(groups)
         self.widths = [sum(m.out_features for m in g.modules()) for g in groups]  # each group's output columns
         uniform = self.norm.plain and all(self.gated) and not any(self.qk_norms) and set(self.activations) == {F.silu}
-        on_cpu = self.inner.embed_tokens.weight.device.type == "cpu"
         # Only the row count and the cache span vary (marked while warming up); every other size is the
         # model's, and inductor's loops over static sizes (head size, widths) ran the glue 25% faster.
         self.compiled = torch.compile(self._decode_chunk, dynamic=False) if compile and uniform and on_cpu else None
@@ -307,8 +310,7 @@ class SlotDecoder:
         """The projections resolved for the current routing, made the ones `project` runs."""
         routing = current_routing()
         dtype = self.inner.embed_tokens.weight.dtype
-        scales = routing.column_scales(dtype) if routing is not None and not routing.base_only else None
-        return active(self.projections.resolve(routing, dtype), scales)
+        return active(self.projections.resolve(routing, dtype), routing if routing is not None and not routing.base_only else None)
 
     def _project(self, group: int, x: torch.Tensor) -> torch.Tensor:
         """Group `group` (counted from the running layer's first, see compiled.at_group) applied to x."""

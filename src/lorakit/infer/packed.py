@@ -28,15 +28,17 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from lorakit.kernels import routed_lora
+from lorakit.kernels.routed_lora import RoutedLora
 from lorakit.lora.base_layer import is_quantized
 from lorakit.lora.layer import LoraLinear
 from lorakit.lora.routing import Routing
 
 _linear = torch.ops.mkldnn._linear_pointwise
 
-# A resolved group: input (..., in) and the routing's column scales (None without routed adapters) to
-# the layers' outputs side by side (..., sum of out features).
-Projection = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+# A resolved group: input (..., in) and the step's routing (None without routed adapters) to the
+# layers' outputs side by side (..., sum of out features).
+Projection = Callable[[torch.Tensor, "Routing | None"], torch.Tensor]
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -65,7 +67,7 @@ class _Modules:
 
     modules: list[nn.Module]
 
-    def __call__(self, x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, routing: Routing | None) -> torch.Tensor:
         outs = [m(x) for m in self.modules]
         return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
 
@@ -79,6 +81,7 @@ class _Packed:
     width: int = 0  # output columns of the layers together
     b_banks: torch.Tensor | None = None  # packed (width, adapted layers x S*R) block-diagonal B banks
     adapted: int = 0  # layers with an A bank in the weight (after the base columns)
+    kernel: tuple | None = None  # (routed_lora_, a, b, segments): adapters by the C++ kernel, not by banks in the matmuls
 
     def fresh(self, bases: list[nn.Module], params: list[torch.Tensor], bank_version: tuple) -> bool:
         """Packed from these very base layers and tensors, unchanged since, with these banks. (Base
@@ -87,13 +90,20 @@ class _Packed:
         seen, seen_params, versions = self.source
         return bank_version == self.bank_version and _same(bases, seen) and _same(params, seen_params) and versions == _versions(params)
 
-    def __call__(self, x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, routing: Routing | None) -> torch.Tensor:
         """Base outputs (and every adapted layer's x A_bank^T) from one matmul; with banks, each row's
-        bank columns scaled by its mix and all B banks added by one block-diagonal matmul."""
+        bank columns scaled by its mix and all B banks added by one block-diagonal matmul; with the
+        kernel, each row's own adapters added onto the base outputs."""
         out = _linear(x, self.weight, self.bias, "none", [], "")
+        if self.kernel is not None:
+            op, a, b, segments = self.kernel
+            x = x if x.is_contiguous() else x.contiguous()
+            op(out.view(-1, self.width), x.view(-1, x.shape[-1]), a, b, segments, routing.slots, routing.weights)
+            return out
         if self.b_banks is None:
             return out
         base, xa = out[..., : self.width], out[..., self.width :]
+        scales = routing.column_scales(x.dtype)
         rows, columns = scales.shape
         # Out of place, so both matmul inputs and the result are contiguous (no copies: in place on the
         # column slices, each of the 60 adapted groups of a default-model step paid two).
@@ -107,10 +117,12 @@ class FusedLinear:
     The layers are looked up by name on their parent, not held: loading the first adapter replaces an
     nn.Linear by a LoraLinear around it, and the fused call must see that."""
 
-    def __init__(self, parent: nn.Module, names: Sequence[str], pack: bool = True) -> None:
+    def __init__(self, parent: nn.Module, names: Sequence[str], pack: bool = True, kernel: RoutedLora | None = None) -> None:
+        """`kernel`: routed_lora's kernel, to add routed adapters with (else they join the matmuls as banks)."""
         self.parent = parent
         self.names = list(names)
         self.pack = pack
+        self.kernel = kernel
         self._plain: _Packed | None = None  # the base weights alone
         self._routed: _Packed | None = None  # the base weights and the adapters' A banks
         self._merged: _Packed | None = None  # the base weights with one adapter merged in
@@ -137,6 +149,9 @@ class FusedLinear:
             return _Modules(modules)  # LoraLinear's own forward applies (or refuses) these cases
         if adapted and not routing.base_only and merge:
             self._merged = packed = _packed(self._merged, modules, adapted, routing, merge=True)
+        elif adapted and not routing.base_only and self.kernel is not None:
+            self._plain = _packed(self._plain, modules)
+            self._routed = packed = _by_kernel(self._routed, self._plain, modules, routing, self.kernel)
         elif adapted and not routing.base_only:
             self._routed = packed = _packed(self._routed, modules, adapted, routing)
         else:
@@ -176,6 +191,23 @@ def _packed(cached: _Packed | None, modules: list[nn.Module], adapted: Sequence[
             row += size
         b_banks = pack(b_banks)
     return _Packed(source, bank_version, pack(weight), _bias(bases, extra=width * len(adapted)), sum(sizes), b_banks, len(adapted))
+
+
+def _by_kernel(cached: _Packed | None, plain: _Packed, modules: list[nn.Module], routing: Routing,
+               kernel: RoutedLora) -> _Packed:
+    """`cached` if still fresh, else the base weights as packed in `plain` (shared, not copied) with the
+    adapters' banks laid out for routed_lora's kernel."""
+    bank_version = bank_version_of(routing)
+    if cached is not None and cached.source is plain.source and cached.bank_version == bank_version:
+        return cached
+    if plain.weight is None:
+        return plain
+    bases = [_base(m) for m in modules]
+    device = bases[0].weight.device
+    banks = [m.bank(routing, torch.bfloat16, device) if isinstance(m, LoraLinear) else None for m in modules]
+    slots = max(routing.table.slot_of.values(), default=0)
+    a, b, segments = routed_lora.layout(banks, [base.out_features for base in bases], slots)
+    return _Packed(plain.source, bank_version, plain.weight, plain.bias, plain.width, kernel=(kernel, a, b, segments))
 
 
 def _merged_weight(layer: LoraLinear, name: str) -> torch.Tensor:
