@@ -6,9 +6,9 @@ import torch
 from lorakit.kernels import decode_attention
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    op = decode_attention.load()
+@pytest.fixture(scope="module", params=[False, True], ids=["native", "portable"])
+def kernel(request):  # portable: the plain C++ loops that CPUs without AVX-512 BF16 run
+    op = decode_attention.load(portable=request.param)
     assert op is not None, "the kernel must build here (a C++ compiler and ninja are set-up requirements)"
     return op
 

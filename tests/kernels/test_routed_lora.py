@@ -8,9 +8,9 @@ from lorakit.kernels import routed_lora
 SLOTS, RANK, INPUTS, SIZES = 5, 7, 72, [40, 24, 24]  # an odd rank: padded to a pair
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    op = routed_lora.load()
+@pytest.fixture(scope="module", params=[False, True], ids=["native", "portable"])
+def kernel(request):  # portable: the plain C++ loops that CPUs without AVX-512 BF16 run
+    op = routed_lora.load(portable=request.param)
     assert op is not None, "the kernel must build here (a C++ compiler and ninja are set-up requirements)"
     return op
 

@@ -28,16 +28,18 @@ DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
 _fake_registered = False
 
 
-def load() -> DecodeAttention | None:
+def load(portable: bool = False) -> DecodeAttention | None:
     """The kernel as `torch.ops.lorakit_kernels.decode_attention` (q (B, KVH, G, D), keys, values
-    (S >= B, KVH, C, D), lengths (B), scale) -> (B, KVH, G, D); None where it cannot be built."""
+    (S >= B, KVH, C, D), lengths (B), scale) -> (B, KVH, G, D); None where it cannot be built.
+    `portable`: the build without this CPU's vector extensions (kernels/native.py), for tests."""
     global _fake_registered
-    if not native.build():
+    ops = native.ops(portable)
+    if ops is None:
         return None
-    if not _fake_registered:  # its output's shape, for torch.compile's tracing
-        torch.library.register_fake("lorakit_kernels::decode_attention", _shape)
+    if not portable and not _fake_registered:  # its output's shape, for torch.compile's tracing
+        torch.library.register_fake(f"{native.NAMESPACE}::decode_attention", _shape)
         _fake_registered = True
-    return torch.ops.lorakit_kernels.decode_attention.default
+    return ops.decode_attention.default
 
 
 def _shape(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, scale: float) -> torch.Tensor:

@@ -22,10 +22,12 @@ from lorakit.kernels import native
 RoutedLora = Callable[..., None]
 
 
-def load() -> RoutedLora | None:
-    """`torch.ops.lorakit_lora.routed_lora_(out, x, a, b, segments, slots, weights)`, updating `out`
-    in place (arguments as `layout` and `reference` describe); None where it cannot be built."""
-    return torch.ops.lorakit_lora.routed_lora_.default if native.build() else None
+def load(portable: bool = False) -> RoutedLora | None:
+    """`torch.ops.lorakit_kernels.routed_lora_(out, x, a, b, segments, slots, weights)`, updating
+    `out` in place (arguments as `layout` and `reference` describe); None where it cannot be built.
+    `portable`: the build without this CPU's vector extensions (kernels/native.py), for tests."""
+    ops = native.ops(portable)
+    return None if ops is None else ops.routed_lora_.default
 
 
 def layout(banks: Sequence[tuple[torch.Tensor, torch.Tensor] | None], sizes: Sequence[int],

@@ -6,7 +6,7 @@
 // G query heads sharing them, takes the softmax and streams its values once, reading only the row's
 // own positions (no mask, nothing past its length). fp32 arithmetic throughout; bf16 in and out.
 // Every task's arithmetic is the same whatever the batch around it.
-#include <torch/library.h>
+#include "library.h"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -226,10 +226,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
 
 }  // namespace
 
-TORCH_LIBRARY(lorakit_kernels, m) {
+LORAKIT_FRAGMENT(LORAKIT_NAMESPACE, m) {
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor lengths, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(lorakit_kernels, CPU, m) {
+LORAKIT_CPU_IMPL(LORAKIT_NAMESPACE, m) {
   m.impl("decode_attention", &decode_attention);
 }

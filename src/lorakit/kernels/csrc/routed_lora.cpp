@@ -6,7 +6,7 @@
 // a fifth of a decode step's arithmetic). Here a row reads only its own slots' A and B, from cache,
 // in fp32, and rounds once when it adds onto the base output. Each row's arithmetic is the same
 // whatever the batch around it.
-#include <torch/library.h>
+#include "library.h"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -164,10 +164,10 @@ void routed_lora_(at::Tensor& out, const at::Tensor& x, const at::Tensor& a, con
 
 }  // namespace
 
-TORCH_LIBRARY(lorakit_lora, m) {
+LORAKIT_FRAGMENT(LORAKIT_NAMESPACE, m) {
   m.def("routed_lora_(Tensor(a!) out, Tensor x, Tensor a, Tensor b, Tensor segments, Tensor slots, Tensor weights) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(lorakit_lora, CPU, m) {
+LORAKIT_CPU_IMPL(LORAKIT_NAMESPACE, m) {
   m.impl("routed_lora_", &routed_lora_);
 }
