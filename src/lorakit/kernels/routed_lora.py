@@ -7,9 +7,11 @@ gathered matrix-vector idea: row n reads only its own slots' A and B and adds
 sum_j w_j B_{s_j} (A_{s_j} x_n) onto the base output in fp32, rounding once. AVX-512 BF16 dot products
 where the CPU has them (bf16 products are exact in fp32), plain loops elsewhere.
 
-Measured on this repository's 2-core Zen 4 (bf16, q/k/v of the default model, 16 rows over 8 adapters
-of rank 16, warm caches): base matmul + kernel 46 us against 82 us for the fused matmul with A banks
-plus the block-diagonal B matmul; the base matmul alone 32 us."""
+Rows run in order of their slot, so each thread reads few adapters' banks from memory. Measured on a
+2-core Zen 4 (bf16, default model, 16 rows over 8 adapters of rank 16): q/k/v with warm caches, base
+matmul + kernel 46 us against 82 us for the fused matmul with A banks plus the block-diagonal B matmul
+(the base matmul alone 32 us); a whole decode step 20.7 -> 19.0 ms (base alone 17.2), the kernel's 60
+calls 1.0 ms of it (1.3 ms before the rows were ordered by slot)."""
 
 from __future__ import annotations
 
