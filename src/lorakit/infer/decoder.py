@@ -123,7 +123,8 @@ class SlotDecoder:
         """`pack=False` runs every projection as its own module (for comparison; packing is used only
         where it applies, see infer/packed.py); `compile` compiles the decode step where it applies
         (infer/compiled.py: a CPU model whose layers all have Llama's norms and gated MLP) and, in bf16
-        on a CPU, attends through lorakit's C++ kernel (kernels/decode_attention.py)."""
+        on a CPU, attends and adds each row's adapters through lorakit's C++ kernels
+        (kernels/decode_attention.py, kernels/routed_lora.py)."""
         self.model = model
         self.inner = decoder_parts(model)
         config = model.config
