@@ -234,7 +234,9 @@ def main() -> int:
 
     # The machine's speed drifts over minutes: the same engine runs again after the peers (the system
     # measured twice is one system), and every ratio is given against both of its runs. This second run
-    # has come out 3-14% below the first; no single peer run before it reproduced that in isolation.
+    # has come out up to 15% below the first, with 2-3x the involuntary context switches and some CPU
+    # steal time after vLLM's server stops; no guest process was busy then, and neither peft nor vLLM
+    # alone before a lorakit run reproduced the drop.
     print("\nlorakit again, after the peers:", flush=True)
     engine.prefixes.clear()  # as in the first run: prompt blocks shared within the load only, none from before
     again, _ = lorakit_loads(engine, prompts, adapters, params, args)
