@@ -39,7 +39,7 @@ inline void rows_dot_bf16(float* out, const uint16_t* a, const uint16_t* v, int6
   for (; k + 4 <= count; k += 4) {
     const uint16_t* r = a + k * n;
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
-    for (int64_t c = 0; c <= n - 32 && c < body; c += 32) {
+    for (int64_t c = 0; c < body; c += 32) {
       const __m512bh x = (__m512bh)_mm512_loadu_si512(v + c);
       s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_loadu_si512(r + c), x);
       s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_loadu_si512(r + n + c), x);
