@@ -12,7 +12,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 #if defined(__AVX512BF16__)
@@ -21,14 +20,9 @@
 
 namespace {
 
-constexpr int64_t kMaxHeadSize = 256;
+using lorakit::bf16_to_float;
 
-inline float bf16_to_float(uint16_t bits16) {
-  const uint32_t bits = static_cast<uint32_t>(bits16) << 16;
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
+constexpr int64_t kMaxHeadSize = 256;
 
 #if defined(__AVX512BF16__)
 // Lane i of the result: the sum of the 16 lanes of v[i] (a transposing tree of 46 instructions, against

@@ -11,7 +11,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstring>
 #include <numeric>
 #include <vector>
 
@@ -21,12 +20,7 @@
 
 namespace {
 
-inline float bf16_to_float(uint16_t bits16) {
-  const uint32_t bits = static_cast<uint32_t>(bits16) << 16;
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
+using lorakit::bf16_to_float;
 
 // out[k] = w * (row k of a) . v for k < count: the rows of a (count, n) against one vector, bf16 in,
 // fp32 sums (bf16 products are exact in fp32). Four rows at a time, so four independent sums hide
