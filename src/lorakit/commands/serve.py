@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--deterministic", action="store_true",
                         help="batch-invariant mode: a greedy answer never depends on what else is running (slower)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="compile the decode step (torch.compile, lorakit's C++ attention) before serving: ~25%% more "
+                        help="compile the decode step (torch.compile, lorakit's C++ kernels) before serving: ~25%% more "
                         "tokens/s through HTTP on 2 cores, 10-60 s more at start-up (less once cached); without a C++ "
                         "compiler it warns and decodes eagerly. --no-compile starts at once (default: compile)")
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32")

@@ -138,9 +138,12 @@ class SlotDecoder:
         self.mlps = [layer.mlp for layer in layers]  # held: module attribute look-ups cost ~1 us each, per layer per step
         self.activations = [activation(mlp.act_fn) if gated else None for mlp, gated in zip(self.mlps, self.gated)]
         self.qk_norms = [(a.q_norm, a.k_norm) if hasattr(a, "q_norm") else None for a in (layer.self_attn for layer in layers)]
-        on_cpu = self.inner.embed_tokens.weight.device.type == "cpu"
-        # With `compile`, routed adapters are added by lorakit's C++ kernel (kernels/routed_lora.py).
-        lora_kernel = routed_lora.load() if compile and pack and on_cpu else None
+        weight = self.inner.embed_tokens.weight
+        on_cpu = weight.device.type == "cpu"
+        # With `compile`, in bf16 on a CPU, lorakit's C++ kernels add each row's adapters (packed groups
+        # only: kernels/routed_lora.py) and attend (head sizes up to 256: kernels/decode_attention.py).
+        native = compile and on_cpu and weight.dtype == torch.bfloat16
+        lora_kernel = routed_lora.load() if native and pack else None
         groups: list[FusedLinear] = []  # per layer: q/k/v, o, then gate/up and down for gated MLPs; the output head last
         self.first_group: list[int] = []  # each layer's first group
         for layer, gated in zip(layers, self.gated):
@@ -156,9 +159,7 @@ class SlotDecoder:
         # Only the row count and the cache span vary (marked while warming up); every other size is the
         # model's, and inductor's loops over static sizes (head size, widths) ran the glue 25% faster.
         self.compiled = torch.compile(self._decode_chunk, dynamic=False) if compile and uniform and on_cpu else None
-        # With `compile`, decode attention runs as lorakit's C++ kernel where it applies (bf16 on a CPU).
-        applies = compile and on_cpu and self.inner.embed_tokens.weight.dtype == torch.bfloat16 and self.head_dim <= 256
-        self.attention_kernel = decode_attention.load() if applies else None
+        self.attention_kernel = decode_attention.load() if native and self.head_dim <= 256 else None
         self._tracing = False  # warm_up is running: mark the sizes that vary on the graphs' inputs
 
     def allocate(self, slots: int, length: int) -> SlotCache:
