@@ -19,7 +19,7 @@ from lorakit.data import IGNORE_INDEX  # noqa: E402
 from lorakit.data.packing import PackedRow  # noqa: E402
 from lorakit.train import loop  # noqa: E402
 from lorakit.train.config import TrainSection  # noqa: E402
-from lorakit.train.distributed import SINGLE_PROCESS, Replicas, init_distributed, shard_base, shutdown  # noqa: E402
+from lorakit.train.distributed import SINGLE_PROCESS, Replicas, init_distributed, leaving_process_group, shard_base  # noqa: E402
 from tests.helpers import make_tiny_llama  # noqa: E402
 
 
@@ -77,7 +77,5 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     replicas = init_distributed()
-    try:
+    with leaving_process_group():
         run(parse(), replicas)
-    finally:
-        shutdown()

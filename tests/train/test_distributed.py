@@ -163,6 +163,21 @@ def test_an_unavailable_backend_is_a_one_line_error(monkeypatch):
     assert distributed.pick_backend("cpu") == "gloo"
 
 
+def test_the_process_group_is_left_after_a_barrier_only_when_the_block_ends_normally(monkeypatch):
+    """A rank that left early made another abort at exit; after an error the others may be gone, so no barrier."""
+    calls: list[str] = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: "destroy" not in calls)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    with distributed.leaving_process_group():
+        calls.append("train")
+    assert calls == ["train", "barrier", "destroy"]
+    calls.clear()
+    with pytest.raises(RuntimeError, match="rank 1 died"), distributed.leaving_process_group():
+        raise RuntimeError("rank 1 died")
+    assert calls == ["destroy"]
+
+
 def test_checkpoint_recompute_takes_the_training_paths_on_another_thread():
     """On CUDA autograd recomputes checkpointed layers on its own threads; context_fn enters the paths there."""
     hf_model = make_tiny_llama()

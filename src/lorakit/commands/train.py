@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.config import load_run_config
     from lorakit.train.run import run_training
 
-    from lorakit.train.distributed import launch, shutdown
+    from lorakit.train.distributed import launch, leaving_process_group
 
     overrides = parse_overrides(args.overrides)
     nproc = overrides.pop("nproc", None)
@@ -53,10 +53,8 @@ def run(args: argparse.Namespace) -> int:
             raise LorakitError(f"--nproc must be a whole number >= 1 (got {nproc!r})")
         rest = [t for i, t in enumerate(args.overrides) if not _is_nproc(args.overrides, i)]
         return launch(int(nproc), ["train", *([args.config] if args.config else []), *rest])
-    try:
+    with leaving_process_group():
         run_training(config)
-    finally:
-        shutdown()
     return 0
 
 
