@@ -192,11 +192,15 @@ def test_a_client_that_disconnects_frees_its_slot(server) -> None:
         next(response.iter_lines())  # the first chunk arrived: the request is running
     deadline = time.time() + 20
     while time.time() < deadline:
-        running = [line for line in httpx.get(server[0] + "/metrics").text.splitlines() if line.startswith("lorakit_requests_running")]
-        if running and float(running[0].split()[-1]) == 0:
+        if running_requests(server[0]) == 0:
             return
         time.sleep(0.2)
-    pytest.fail(f"the disconnected request still holds its slot: {running}")
+    pytest.fail(f"the disconnected request still holds its slot: {running_requests(server[0])} running")
+
+
+def running_requests(url: str) -> float:
+    lines = [line for line in httpx.get(url + "/metrics").text.splitlines() if line.startswith("lorakit_requests_running")]
+    return float(lines[0].split()[-1]) if lines else 0.0
 
 
 def test_metrics_count_requests_and_tokens(server) -> None:
@@ -212,11 +216,14 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(server, client) -> N
 
     url, proc = server
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(client.chat.completions.create, model="one", max_tokens=40, temperature=0,
-                              messages=[{"role": "user", "content": "Tell me a story."}])
-        time.sleep(1.0)
+        pending = pool.submit(client.chat.completions.create, model="one", max_tokens=100, temperature=0,
+                              messages=[{"role": "user", "content": "Tell me a story."}], extra_body={"ignore_eos": True})
+        deadline = time.time() + 30
+        while running_requests(url) < 1 and time.time() < deadline:  # signal only once the request is in flight
+            time.sleep(0.02)
+        assert not pending.done(), "the request ended before the signal: nothing was in flight"
         proc.send_signal(signal.SIGTERM)
-        assert pending.result().choices[0].finish_reason in ("length", "stop")
+        assert pending.result().choices[0].finish_reason == "length"
     assert proc.wait(timeout=60) == 0
 
 
