@@ -208,8 +208,7 @@ def _by_kernel(cached: _Packed | None, plain: _Packed, modules: list[nn.Module],
     bases = [_base(m) for m in modules]
     device = bases[0].weight.device
     banks = [m.bank(routing, torch.bfloat16, device) if isinstance(m, LoraLinear) else None for m in modules]
-    slots = max(routing.table.slot_of.values(), default=0)
-    a, b, segments = routed_lora.layout(banks, [base.out_features for base in bases], slots)
+    a, b, segments = routed_lora.layout(banks, [base.out_features for base in bases], routing.table.slots)
     return _Packed(plain.source, bank_version, plain.weight, plain.bias, plain.width, kernel=(kernel, a, b, segments))
 
 

@@ -176,7 +176,7 @@ class LoraLinear(nn.Module):
         cached = getattr(self, "_bank", None)
         if cached is not None and cached[0] == key:
             return cached[1]
-        count, width = max(table.slot_of.values(), default=0), table.rank_width
+        count, width = table.slots, table.rank_width
         a_bank = torch.zeros(count, width, self.in_features, dtype=dtype, device=device)
         b_bank = torch.zeros(self.out_features, count, width, dtype=dtype, device=device)
         for name, slot in table.slot_of.items():

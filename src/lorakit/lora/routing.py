@@ -34,6 +34,11 @@ class SlotTable:
     rank_width: int
     weights_version: int = 0
 
+    @property
+    def slots(self) -> int:
+        """Bank slots in use (1..slots; slot 0, the empty adapter, has none)."""
+        return max(self.slot_of.values(), default=0)
+
 
 @dataclass(frozen=True)
 class Routing:
@@ -53,7 +58,7 @@ class Routing:
         """(B, S * R): row b's weight for every rank column of every bank slot 1..S (0 where the row does
         not use that slot). The same for every layer, so it is built once per forward pass."""
         if dtype not in self._scales:
-            count, width = max(self.table.slot_of.values(), default=0), self.table.rank_width
+            count, width = self.table.slots, self.table.rank_width
             per_slot = torch.zeros(self.rows, count + 1, device=self.slots.device)
             per_slot.scatter_add_(1, self.slots.T, self.weights.T)  # (B, S + 1); slot 0 collects the unused
             self._scales[dtype] = per_slot[:, 1:].repeat_interleave(width, dim=1).to(dtype)
