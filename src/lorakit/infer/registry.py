@@ -19,7 +19,7 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.lora.model import LoraModel
-from lorakit.lora.routing import BASE, RowSpec, row_mix
+from lorakit.lora.routing import BASE, RowSpec, require_known, row_mix
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -108,10 +108,7 @@ class AdapterRegistry:
         return AdapterInfo(name, self._paths[name], config.r, config.lora_alpha, tuple(sorted(targets)), name in self._pinned)
 
     def _check_known(self, names: list[str]) -> None:
-        unknown = [n for n in names if n not in self._paths]
-        if unknown:
-            loaded = ", ".join(self._paths) or "none"
-            raise LorakitError(f"no adapter named {unknown[0]!r}; loaded adapters: {loaded}")
+        require_known(names, self._paths)
 
     # --- use by requests --------------------------------------------------------------------------
     def acquire(self, spec: RowSpec) -> dict[str, float]:

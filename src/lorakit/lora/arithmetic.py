@@ -25,6 +25,7 @@ from torch import Tensor
 
 from lorakit.config import LoraConfig, replace
 from lorakit.errors import LorakitError
+from lorakit.lora.routing import require_known
 
 if TYPE_CHECKING:
     from lorakit.lora.model import LoraModel
@@ -300,8 +301,7 @@ def _lora_layers(model: LoraModel):
 
 def factors_of(model: LoraModel, adapter_name: str) -> AdapterFactors:
     """The factors of one of the model's adapters (detached views, not copies)."""
-    if adapter_name not in model.peft_config:
-        raise LorakitError(f"no adapter named {adapter_name!r}; loaded adapters: {', '.join(model.peft_config)}")
+    require_known([adapter_name], model.peft_config)
     factors = {path: (m.lora_A[adapter_name].weight.detach(), m.lora_B[adapter_name].weight.detach())
                for path, m in _lora_layers(model) if adapter_name in m.lora_A}
     return AdapterFactors(model.peft_config[adapter_name], factors, name=adapter_name)

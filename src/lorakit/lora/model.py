@@ -18,7 +18,7 @@ from lorakit.errors import LorakitError
 from lorakit.lora import arithmetic, merge as merge_ops
 from lorakit.lora.inject import count_parameters, freeze_adapter, inject_adapter, mark_trainable, trainable_report
 from lorakit.lora.layer import LoraLinear, ModulesToSave, adapters_disabled
-from lorakit.lora.routing import BASE, RowSpec, SlotTable, build_routing, routed
+from lorakit.lora.routing import BASE, RowSpec, SlotTable, build_routing, require_known, routed
 
 _VERSION = operator.attrgetter("_version")  # in-place update counter of a tensor (summed once per routing)
 
@@ -115,9 +115,7 @@ class LoraModel(nn.Module):
         """Make `adapter_name` (or several, summed) the active adapter(s) and the only trainable one
         (frozen too with `inference_mode`), as peft's `set_adapter` does."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise LorakitError(f"no adapter named {unknown[0]!r}; loaded adapters: {', '.join(self.peft_config)}")
+        require_known(names, self.peft_config)
         for module in self.model.modules():
             if isinstance(module, (LoraLinear, ModulesToSave)):
                 module.set_active(names)
@@ -140,8 +138,7 @@ class LoraModel(nn.Module):
         return [self.active_adapter]
 
     def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise LorakitError(f"no adapter named {adapter_name!r}; loaded adapters: {', '.join(self.peft_config)}")
+        require_known([adapter_name], self.peft_config)
         for module in self.model.modules():
             if isinstance(module, (LoraLinear, ModulesToSave)) and (adapter_name in getattr(module, "lora_A", {}) or adapter_name in getattr(module, "modules_to_save", {})):
                 module.delete_adapter(adapter_name)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence, Union
+from typing import Iterable, Iterator, Mapping, Sequence, Union
 
 import torch
 
@@ -68,6 +68,19 @@ class Routing:
 _ROUTING: ContextVar[Routing | None] = ContextVar("lorakit_routing", default=None)
 
 
+def require_known(names: Iterable[str], known: Iterable[str]) -> None:
+    """The one check that adapters are loaded, and its message (which lists the loaded ones).
+
+    Raises:
+        LorakitError: the first of `names` that is not in `known`.
+    """
+    known = list(known)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise LorakitError(f"no adapter named {unknown[0]!r}; loaded adapters: {', '.join(known) or 'none'} "
+                           f"(or {BASE!r} for the base model)")
+
+
 def row_mix(spec: RowSpec) -> dict[str, float]:
     """A row spec as {adapter: scale}; "__base__" / None is the empty mix."""
     if spec is None or spec == BASE:
@@ -89,10 +102,7 @@ def build_routing(rows: Sequence[RowSpec], table: SlotTable, device: torch.devic
     """
     slot_of = table.slot_of
     mixes = [row_mix(spec) for spec in rows]
-    unknown = sorted({name for mix in mixes for name in mix if name not in slot_of})
-    if unknown:
-        loaded = ", ".join(sorted(slot_of)) or "none"
-        raise LorakitError(f"no adapter named {unknown[0]!r}; loaded adapters: {loaded} (or {BASE!r} for the base model)")
+    require_known(sorted({name for mix in mixes for name in mix}), sorted(slot_of))
     depth = max((len(mix) for mix in mixes), default=0) or 1
     slots = torch.zeros(depth, len(rows), dtype=torch.long)
     weights = torch.zeros(depth, len(rows))
