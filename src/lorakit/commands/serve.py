@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     relaunch_with_short_openmp_spin()
     from lorakit.infer.engine import Engine
     from lorakit.models.load import load_model, load_tokenizer, resolve_model_dir
-    from lorakit.serve.app import ServeSettings, build_app
+    from lorakit.serve.app import build_app
+    from lorakit.serve.state import ServeSettings
 
     for flag, value in (("--max-batch", args.max_batch), ("--max-model-len", args.max_model_len), ("--port", args.port)):
         if value < 1:
