@@ -26,7 +26,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lorakit import LoraConfig, get_peft_model, load_model, load_tokenizer, prepare_model_for_kbit_training
-from lorakit.lora.base_layer import is_4bit
 from lorakit.lora.model import LoraModel
 from lorakit.merge import merge_to_directory
 from lorakit.models.load import resolve_model_dir
@@ -35,6 +34,7 @@ from lorakit.quant.guard import keep_4bit_trainable
 from lorakit.quant.load import bnb_config
 from lorakit.quant.record import write_quant_record
 from lorakit.quant.requantize import PROBE_PROMPTS, logit_error, probe_inputs, prompt_logits
+from lorakit.weights.kinds import is_4bit
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -61,8 +61,8 @@ def linear_weight_bytes(model) -> dict:
     quantization constants included, next to what those weights take in bf16."""
     import torch
 
-    from lorakit.lora.base_layer import WeightKind, weight_kind
     from lorakit.lora.targets import output_head_names
+    from lorakit.weights.kinds import WeightKind, weight_kind
 
     heads = output_head_names(model)
     held = bf16 = 0

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lorakit.errors import LorakitError
-from lorakit.lora.base_layer import is_4bit
 from lorakit.models.load import load_model, resolve_model_dir
+from lorakit.weights.kinds import is_4bit
 from tests.helpers import make_tiny_llama
 
 

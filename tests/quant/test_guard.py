@@ -9,8 +9,8 @@ import torch
 
 from lorakit.errors import LorakitError
 from lorakit.models.load import load_model
-from lorakit.lora.base_layer import dense_weight
 from lorakit.quant.guard import ensure_4bit_trainable, find_repacked_4bit, is_repacked, keep_4bit_trainable
+from lorakit.weights.dequant import dense_weight
 from tests.quant.qhelpers import save_tiny_llama
 
 

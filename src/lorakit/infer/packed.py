@@ -33,7 +33,7 @@ from torch import nn
 
 from lorakit.kernels import routed_lora
 from lorakit.kernels.routed_lora import RoutedLora
-from lorakit.lora.base_layer import is_quantized
+from lorakit.weights.kinds import is_quantized
 from lorakit.lora.layer import LoraLinear
 from lorakit.lora.routing import Routing
 

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.lora.base_layer import is_conv1d, is_quantized, layer_shape
+from lorakit.lora.base_layer import is_conv1d, layer_shape
 from lorakit.lora.routing import Routing, current_routing
+from lorakit.weights.kinds import is_quantized
 
 
 class LoraLinear(nn.Module):

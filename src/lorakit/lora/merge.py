@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.lora.base_layer import dense_weight, is_quantized
-from lorakit.lora.layer import LoraLinear, ModulesToSave
 from lorakit.lora.inject import _set_child
+from lorakit.lora.layer import LoraLinear, ModulesToSave
+from lorakit.weights.dequant import dense_weight
+from lorakit.weights.kinds import is_quantized
 
 
 def merged_linear(layer: LoraLinear, names: list[str], safe: bool = False, dtype: torch.dtype | None = None) -> nn.Module:

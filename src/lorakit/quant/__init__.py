@@ -7,15 +7,15 @@ re-quantization. bitsandbytes' own storage format is kept throughout.
   mapped.py      copy unquantized tensors out of the checkpoint's memory map
   heap.py        hand freed heap pages back to the OS after a load
   detect.py      recognise quantized layers and the QuantConfig of a loaded model
-  dequant.py     exact fp32 dequantization of 4-bit / 8-bit weights
   guard.py       keep 4-bit layers differentiable on the CPU
   prepare.py     prepare_model_for_kbit_training
   requantize.py  dequantize / re-quantize a whole model and measure the logit error
   record.py      the quantization record written beside an adapter
 
-The names below are imported on first use (PEP 562), not here: lora/base_layer.py imports
-quant/dequant.py, and most quant modules import lora/base_layer.py, so an eager package __init__ would
-make every `import lorakit.quant.<module>` a cycle through the whole package."""
+Weight kinds and exact dequantization live one floor down, in lorakit.weights (lora/ needs them too).
+
+The names below are imported on first use (PEP 562), not here, so `import lorakit.quant.config` stays
+cheap (prepare.py brings in the whole LoRA core for unwrap_model)."""
 
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from lorakit.dtypes import DTYPES, dtype_name
-from lorakit.lora.base_layer import is_4bit, is_quantized
 from lorakit.quant.config import QuantConfig
+from lorakit.weights.kinds import is_4bit, is_quantized
 
 
 def is_quantized_layer(module: nn.Module) -> bool:

@@ -19,7 +19,7 @@ import warnings
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.lora.base_layer import is_4bit
+from lorakit.weights.kinds import is_4bit
 
 
 def _is_linear4bit(module: nn.Module) -> bool:

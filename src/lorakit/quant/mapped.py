@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.lora.base_layer import is_quantized
+from lorakit.weights.kinds import is_quantized
 
 AddressRange = tuple[int, int]
 

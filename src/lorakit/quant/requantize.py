@@ -17,11 +17,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from lorakit.lora.base_layer import dense_weight
 from lorakit.quant.config import QuantConfig
 from lorakit.quant.detect import is_quantized_layer
 from lorakit.quant.load import load_quantized
 from lorakit.quant.prepare import FP32_NORM_HOOK
+from lorakit.weights.dequant import dense_weight
 
 # The quantization-error probe: a handful of short, varied prompts (chat, code, prose, numbers).
 PROBE_PROMPTS = (

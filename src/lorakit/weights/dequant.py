@@ -1,4 +1,4 @@
-"""Dequantize bitsandbytes weights exactly (lora/base_layer.py's dense_weight dispatches here).
+"""A layer's weight as dense values: bitsandbytes' packed weights dequantized exactly, others as stored.
 
 Every quantized format is dequantized straight to fp32 (the 4-bit code times its fp32 block scale is
 exact in fp32), so a merge adds the adapter to exactly the weights the adapter was trained against."""
@@ -7,6 +7,20 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from lorakit.weights.kinds import WeightKind, weight_kind
+
+
+def dense_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The module's weight as a plain float tensor in its stored layout; bitsandbytes 4-bit / 8-bit
+    weights are dequantized (to fp32 unless `dtype` says otherwise), anything else is returned as stored."""
+    weight = module.weight
+    kind = weight_kind(weight)
+    if kind is WeightKind.NF4:
+        return dequantize_params4bit(weight, dtype or torch.float32)
+    if kind is WeightKind.INT8:
+        return dequantize_int8(module, dtype or torch.float32)
+    return weight if dtype is None else weight.to(dtype)
 
 
 def block_scales(state) -> torch.Tensor:
@@ -28,7 +42,7 @@ def dequantize_params4bit(weight: torch.Tensor, dtype: torch.dtype = torch.float
 
 
 def _dequantize_cpu_layout(packed: torch.Tensor, state) -> torch.Tensor:
-    """Dequantize a weight bitsandbytes repacked for its CPU inference kernel (see guard.py): codes in
+    """Dequantize a weight bitsandbytes repacked for its CPU inference kernel (see quant/guard.py): codes in
     tiles of 32 rows, block scales already in bf16 and transposed to (in / blocksize, out)."""
     from bitsandbytes.backends.utils import _get_4bit_code  # here: see block_scales
 

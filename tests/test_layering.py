@@ -1,0 +1,35 @@
+"""lorakit's packages import downwards only: read from the source (every import, function-level ones
+included), so a circle is caught before it bites at import time."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "lorakit"
+
+
+def imported_packages(package: str) -> set[str]:
+    """The other lorakit packages (or top-level modules) any module of `package` imports."""
+    found = set()
+    for path in (SRC / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            found |= {name.split(".")[1] for name in names if name.startswith("lorakit.")}
+    return found - {package}
+
+
+def test_weights_is_the_ground_floor() -> None:
+    assert imported_packages("weights") <= {"errors"}
+
+
+@pytest.mark.parametrize("lower, upper", [("lora", "quant")])
+def test_lower_packages_never_import_upper_ones(lower, upper) -> None:
+    assert upper not in imported_packages(lower)
