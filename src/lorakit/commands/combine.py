@@ -67,26 +67,18 @@ def parse_spec(spec: str) -> tuple[str, Path, float]:
 
 def read_factors(name: str, directory: Path):
     """An adapter directory as AdapterFactors, keyed by module path (peft's key prefix and suffix removed)."""
-    from lorakit.adapters.peft_format import PREFIX, read_adapter_config, read_adapter_weights
     from lorakit.lora.arithmetic import AdapterFactors
+    from lorakit.lora.peft_format import WEIGHTS_NAME, read_adapter_config, read_adapter_weights, split_factors
 
     if not directory.is_dir():
         raise LorakitError(f"adapter {name}: {directory} is not a directory; give the directory save_pretrained wrote")
     config = read_adapter_config(directory)
-    tensors = read_adapter_weights(directory)
-    halves: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        path, _, part = key.removeprefix(PREFIX).removesuffix(".weight").rpartition(".")
-        if not key.startswith(PREFIX) or part not in ("lora_A", "lora_B") or not key.endswith(".weight"):
-            raise LorakitError(f"adapter {name} holds {key}, which is not a LoRA factor (a trained bias or a modules_to_save copy); "
-                               "such weights cannot be weighted without the base model: load the adapters and use add_weighted_adapter")
-        halves.setdefault(path, {})[part] = value
-    lonely = [p for p, h in halves.items() if len(h) != 2]
-    if lonely:
-        raise LorakitError(f"adapter {name} has only one of lora_A / lora_B for {lonely[0]}; re-save the adapter")
-    if not halves:
+    factors, others = split_factors(read_adapter_weights(directory), directory / WEIGHTS_NAME)
+    if others:
+        raise LorakitError(f"adapter {name} holds {others[0]}, which is not a LoRA factor (a trained bias or a modules_to_save copy); "
+                           "such weights cannot be weighted without the base model: load the adapters and use add_weighted_adapter")
+    if not factors:
         raise LorakitError(f"adapter {name} in {directory} holds no LoRA factors; re-save the adapter")
-    factors = {p: (h["lora_A"], h["lora_B"]) for p, h in halves.items()}
     return AdapterFactors(config, factors, name=name)
 
 
@@ -108,18 +100,10 @@ def _check_output(output: Path, overwrite: bool) -> None:
 
 
 def write_adapter(combined, output: Path) -> None:
-    from safetensors.torch import save_file
+    """The combined adapter as peft's two files; --overwrite replaces whatever the directory held."""
+    from lorakit.lora.peft_format import factors_state_dict, write_adapter_files
 
-    from lorakit.adapters.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME
-    from lorakit.io import atomic_directory
-
-    tensors = {}
-    for path, (lora_a, lora_b) in combined.factors.items():
-        tensors[f"{PREFIX}{path}.lora_A.weight"] = lora_a.contiguous()
-        tensors[f"{PREFIX}{path}.lora_B.weight"] = lora_b.contiguous()
-    with atomic_directory(output) as staging:
-        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-        (staging / CONFIG_NAME).write_text(json.dumps(combined.config.to_peft_dict(), indent=2, sort_keys=True) + "\n")
+    write_adapter_files(output, combined.config, factors_state_dict(combined.factors), keep_other_files=False)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,12 +12,12 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from lorakit.adapters.peft_format import load_adapter_weights, read_adapter_config, read_adapter_weights, save_adapter
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.lora import arithmetic, merge as merge_ops
 from lorakit.lora.inject import count_parameters, freeze_adapter, inject_adapter, mark_trainable, trainable_report
 from lorakit.lora.layer import LoraLinear, ModulesToSave, adapters_disabled
+from lorakit.lora.peft_format import load_adapter_weights, read_adapter_config, read_adapter_weights, save_adapter
 from lorakit.lora.routing import BASE, RowSpec, SlotTable, build_routing, require_known, routed
 
 _VERSION = operator.attrgetter("_version")  # in-place update counter of a tensor (summed once per routing)

@@ -74,7 +74,7 @@ def save_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, pr
 
 def load_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, adapter_name: str = "default") -> tuple[Progress, dict[str, Any]]:
     """Restore adapter weights, optimizer state and RNG in place; return the progress and extra state."""
-    from lorakit.adapters.peft_format import load_adapter_weights, read_adapter_weights
+    from lorakit.lora.peft_format import load_adapter_weights, read_adapter_weights
 
     if not (directory / STATE_FILE).is_file():
         raise LorakitError(f"{directory} is not a lorakit checkpoint (no {STATE_FILE}); pass a directory under {CHECKPOINTS}/ or 'latest'")

@@ -1,7 +1,8 @@
 """peft's adapter files: `adapter_config.json` + `adapter_model.safetensors`.
 
 Keys are `base_model.model.<module path>.lora_A.weight`: lorakit's own state-dict keys with the adapter
-name removed and peft's prefix added, nothing more."""
+name removed and peft's prefix added, nothing more. Everything that reads or writes these files (a
+model's save_pretrained / load_adapter, `lorakit combine` on bare factors, checkpoints) goes through here."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -23,6 +25,7 @@ from lorakit.lora.layer import LoraLinear, ModulesToSave
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+FACTOR_PARTS = ("lora_A", "lora_B")
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str) -> dict[str, torch.Tensor]:
@@ -44,12 +47,28 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str) -> dict[s
     return {PREFIX + k: v.detach().contiguous() for k, v in state.items()}
 
 
+def factors_state_dict(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Bare (A, B) factors by module path under peft's key names: an adapter without a model."""
+    tensors = {}
+    for path, (lora_a, lora_b) in factors.items():
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = lora_a.contiguous()
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = lora_b.contiguous()
+    return tensors
+
+
 def save_adapter(model: nn.Module, config: LoraConfig, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
-    """Write the adapter atomically: a crash leaves the previous adapter (or nothing) in place."""
-    tensors = adapter_state_dict(model, adapter_name, config.bias)
+    """Write the model's adapter atomically, keeping the directory's other files (see write_adapter_files)."""
+    return write_adapter_files(directory, config, adapter_state_dict(model, adapter_name, config.bias), keep_other_files=True)
+
+
+def write_adapter_files(directory: str | os.PathLike, config: LoraConfig, tensors: dict[str, torch.Tensor],
+                        keep_other_files: bool = True) -> Path:
+    """Write adapter_config.json and adapter_model.safetensors atomically: a crash leaves the previous
+    directory (or nothing) in place. `keep_other_files` False replaces the directory's whole contents."""
     tensors = _untie(tensors)
     with atomic_directory(directory) as staging:
-        _carry_over(Path(directory), staging)
+        if keep_other_files:
+            _carry_over(Path(directory), staging)
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         (staging / CONFIG_NAME).write_text(json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n")
     return Path(directory)
@@ -127,6 +146,27 @@ def read_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor
         raise LorakitError(f"{path} is not a valid safetensors file ({_one_line(err)}); re-save or re-download the adapter") from err
 
 
+def split_factors(tensors: Mapping[str, torch.Tensor], source: str | os.PathLike) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
+    """A file's tensors as (A, B) factors by module path, plus the keys that are no LoRA factor (a trained
+    bias, a modules_to_save copy), which only a model can take.
+
+    Raises:
+        LorakitError: a module has only one of lora_A / lora_B (`source` names the file in the message).
+    """
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    others = []
+    for key, value in tensors.items():
+        path, _, part = key.removeprefix(PREFIX).removesuffix(".weight").rpartition(".")
+        if not key.startswith(PREFIX) or part not in FACTOR_PARTS or not key.endswith(".weight"):
+            others.append(key)
+        else:
+            halves.setdefault(path, {})[part] = value
+    lonely = [p for p, h in halves.items() if len(h) != 2]
+    if lonely:
+        raise LorakitError(f"{source} has only one of lora_A / lora_B for {lonely[0]}; re-save the adapter")
+    return {p: (h["lora_A"], h["lora_B"]) for p, h in halves.items()}, others
+
+
 def _one_line(err: Exception) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
@@ -138,7 +178,7 @@ def to_model_keys(tensors: dict[str, torch.Tensor], model: nn.Module, adapter_na
     mapped = {}
     for key, value in tensors.items():
         key = key.removeprefix(PREFIX)
-        for part in ("lora_A", "lora_B"):
+        for part in FACTOR_PARTS:
             if f".{part}." in key:
                 key = key.replace(f".{part}.", f".{part}.{adapter_name}.")
         owner = next((w for w in wrappers if key.startswith(w + ".")), None)
