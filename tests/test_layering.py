@@ -11,18 +11,23 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "lorakit"
 
 
+def imported_names(path: Path) -> set[str]:
+    """Every lorakit module (or name in one) the file imports, at any depth (TYPE_CHECKING ones too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found |= {name for name in names if name.startswith("lorakit.")}
+    return found
+
+
 def imported_packages(package: str) -> set[str]:
     """The other lorakit packages (or top-level modules) any module of `package` imports."""
-    found = set()
-    for path in (SRC / package).rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-            else:
-                continue
-            found |= {name.split(".")[1] for name in names if name.startswith("lorakit.")}
+    found = {name.split(".")[1] for path in (SRC / package).rglob("*.py") for name in imported_names(path)}
     return found - {package}
 
 
@@ -33,3 +38,8 @@ def test_weights_is_the_ground_floor() -> None:
 @pytest.mark.parametrize("lower, upper", [("lora", "quant")])
 def test_lower_packages_never_import_upper_ones(lower, upper) -> None:
     assert upper not in imported_packages(lower)
+
+
+def test_arithmetic_is_pure_math() -> None:
+    """lora/arithmetic.py works on factors alone; reaching into a LoraModel is lora/weighted.py's job."""
+    assert {name.split(".")[1] for name in imported_names(SRC / "lora" / "arithmetic.py")} <= {"config", "errors"}

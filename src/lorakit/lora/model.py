@@ -14,7 +14,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
-from lorakit.lora import arithmetic, merge as merge_ops
+from lorakit.lora import merge as merge_ops, weighted as arithmetic  # the add_weighted_adapter driver (weighted.py)
 from lorakit.lora.inject import count_parameters, freeze_adapter, inject_adapter, mark_trainable, trainable_report
 from lorakit.lora.layer import LoraLinear, ModulesToSave, adapters_disabled
 from lorakit.lora.peft_format import load_adapter_weights, read_adapter_config, read_adapter_weights, save_adapter
