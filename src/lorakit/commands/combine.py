@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
 
+from lorakit.commands.specs import WEIGHTED, parse_adapter_specs
 from lorakit.errors import LorakitError
 
 DESCRIPTION = """\
@@ -50,21 +50,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def parse_spec(spec: str) -> tuple[str, Path, float]:
-    """NAME=DIR:WEIGHT -> (name, directory, weight); the weight is what follows the last colon."""
-    name, sep, rest = spec.partition("=")
-    directory, colon, weight = rest.rpartition(":")
-    if not sep or not name or not colon or not directory:
-        raise LorakitError(f"adapter {spec!r} is not NAME=DIR:WEIGHT; write e.g. a={rest or spec}:0.5")
-    try:
-        value = float(weight)
-    except ValueError:
-        raise LorakitError(f"weight {weight!r} in {spec!r} is not a number; write e.g. {name}={directory}:0.5") from None
-    if not math.isfinite(value):
-        raise LorakitError(f"weight {weight!r} in {spec!r} must be a finite number")
-    return name, Path(directory), value
-
-
 def read_factors(name: str, directory: Path):
     """An adapter directory as AdapterFactors, keyed by module path (peft's key prefix and suffix removed)."""
     from lorakit.lora.arithmetic import AdapterFactors
@@ -82,11 +67,7 @@ def read_factors(name: str, directory: Path):
     return AdapterFactors(config, factors, name=name)
 
 
-def _check_inputs(specs: list[tuple[str, Path, float]], sources: list) -> None:
-    names = [name for name, _, _ in specs]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise LorakitError(f"adapter name {repeated[0]!r} is given twice; give each input its own name")
+def _check_inputs(sources: list) -> None:
     excludes = {json.dumps(s.config.exclude_modules) for s in sources}
     if len(excludes) > 1:
         raise LorakitError("the adapters have different exclude_modules, which one combined config cannot express; combine them on the base model with add_weighted_adapter")
@@ -109,11 +90,11 @@ def write_adapter(combined, output: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from lorakit.lora.arithmetic import combine
 
-    specs = [parse_spec(spec) for spec in args.adapters]
+    specs = parse_adapter_specs(args.adapters, WEIGHTED, label="adapter")
     output = Path(args.output)
     _check_output(output, args.overwrite)
-    sources = [read_factors(name, directory) for name, directory, _ in specs]
-    _check_inputs(specs, sources)
+    sources = [read_factors(name, Path(directory)) for name, directory, _ in specs]
+    _check_inputs(sources)
     weights = [weight for _, _, weight in specs]
     combined = combine(sources, weights, args.method, svd_rank=args.svd_rank, svd_clamp=args.svd_clamp,
                        density=args.density, majority_sign_method=args.majority_sign_method,

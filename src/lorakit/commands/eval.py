@@ -7,7 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
-from lorakit.commands.generate import model_with_adapters, parse_adapter_spec
+from lorakit.commands.generate import model_with_adapters
+from lorakit.commands.specs import MIXED, parse_adapter_specs
 from lorakit.data.records import load_records
 from lorakit.errors import LorakitError
 from lorakit.infer.classify import is_classification_adapter, load_classification_adapters, score_classifier
@@ -34,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise LorakitError("--max-new-tokens must be >= 1")
-    specs = [parse_adapter_spec(s, i) for i, s in enumerate(args.adapters)]
+    specs = parse_adapter_specs(args.adapters, MIXED, label="adapter")
     kinds = {name: is_classification_adapter(directory) for name, directory, _ in specs}
     if any(kinds.values()):
         if not all(kinds.values()):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lorakit.errors import LorakitError
+from lorakit.commands.specs import MIXED, AdapterSpec, parse_adapter_specs
 from lorakit.infer.engine import Engine
 from lorakit.infer.sampling import SamplingParams
 from lorakit.lora.model import LoraModel
@@ -31,27 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def parse_adapter_spec(spec: str, index: int) -> tuple[str, str, float]:
-    """'[NAME=]DIR[:SCALE]' -> (name, directory, scale)."""
-    name, _, rest = spec.rpartition("=") if "=" in spec else (f"adapter{index}", "", spec)
-    directory, scale = rest, 1.0
-    head, _, tail = rest.rpartition(":")
-    if head and _is_number(tail):
-        directory, scale = head, float(tail)
-    if not directory:
-        raise LorakitError(f"--adapter {spec!r} names no directory; use [NAME=]DIR[:SCALE]")
-    return name, directory, scale
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
-def model_with_adapters(model_name: str, dtype: str, specs: list[tuple[str, str, float]]) -> LoraModel:
+def model_with_adapters(model_name: str, dtype: str, specs: list[AdapterSpec]) -> LoraModel:
     """The base model with each (name, directory, _) adapter loaded, for inference."""
     model = LoraModel.wrap(load_model(model_name, dtype=dtype))
     for name, directory, _ in specs:
@@ -62,7 +42,7 @@ def model_with_adapters(model_name: str, dtype: str, specs: list[tuple[str, str,
 def run(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, stop=tuple(args.stop), seed=args.seed).validate()
-    specs = [parse_adapter_spec(s, i) for i, s in enumerate(args.adapter)]
+    specs = parse_adapter_specs(args.adapter, MIXED)
     tokenizer = load_tokenizer(args.model)
     model = model_with_adapters(args.model, args.dtype, specs)
     engine = Engine(model, tokenizer, max_batch=1, max_len=4096)

@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+from lorakit.commands.specs import NAMED, parse_adapter_specs
 from lorakit.errors import LorakitError
 
 
@@ -40,13 +41,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "compiler it warns and decodes eagerly. --no-compile starts at once (default: compile)")
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32")
     parser.set_defaults(run=run)
-
-
-def parse_named_dir(spec: str) -> tuple[str, str]:
-    name, sep, directory = spec.partition("=")
-    if not sep or not name or not directory:
-        raise LorakitError(f"--adapter {spec!r} must be NAME=DIR")
-    return name, directory
 
 
 # libgomp's default spin keeps OpenMP workers busy-waiting between the engine's many small ops, and on a
@@ -84,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.adapter_root) if args.adapter_root else None
     if root is not None and not root.is_dir():
         raise LorakitError(f"--adapter-root {root} is not a directory")
-    adapters = [parse_named_dir(s) for s in args.adapter]
+    adapters = parse_adapter_specs(args.adapter, NAMED)
     model_dir = resolve_model_dir(args.model)
     name = args.served_model_name or model_dir.name
     if args.compile and not args.deterministic:  # the batch-invariant mode never compiles
@@ -92,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(load_model(args.model, dtype=args.dtype), load_tokenizer(args.model), max_batch=args.max_batch,
                     max_len=args.max_model_len, deterministic=args.deterministic, max_loras=args.max_loras,
                     prefix_cache_mb=args.prefix_cache_mb, compile=args.compile)
-    for adapter, directory in adapters:
-        engine.registry.load(adapter, directory, pin=True)
+    for adapter in adapters:
+        engine.registry.load(adapter.name, adapter.directory, pin=True)
     if engine.decoder.compiled is not None:  # its shapes compiled above; a shape it missed runs eagerly, not stalling everyone
         import torch
 
@@ -101,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     settings = ServeSettings(name, str(model_dir), args.api_key, root, max_waiting=args.max_waiting,
                              stream_interval=args.stream_interval / 1000)
     app = build_app(engine, settings)
-    print(f"lorakit serve: http://{args.host}:{args.port}/v1  model {name!r}, adapters {[a for a, _ in adapters]}"
+    print(f"lorakit serve: http://{args.host}:{args.port}/v1  model {name!r}, adapters {[a.name for a in adapters]}"
           f"{', batch-invariant' if args.deterministic else ''}", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=30))
