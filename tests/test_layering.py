@@ -35,7 +35,7 @@ def test_weights_is_the_ground_floor() -> None:
     assert imported_packages("weights") <= {"errors"}
 
 
-@pytest.mark.parametrize("lower, upper", [("lora", "quant")])
+@pytest.mark.parametrize("lower, upper", [("lora", "quant"), ("infer", "train"), ("data", "train")])
 def test_lower_packages_never_import_upper_ones(lower, upper) -> None:
     assert upper not in imported_packages(lower)
 
@@ -43,3 +43,17 @@ def test_lower_packages_never_import_upper_ones(lower, upper) -> None:
 def test_arithmetic_is_pure_math() -> None:
     """lora/arithmetic.py works on factors alone; reaching into a LoraModel is lora/weighted.py's job."""
     assert {name.split(".")[1] for name in imported_names(SRC / "lora" / "arithmetic.py")} <= {"config", "errors"}
+
+
+def test_packages_import_in_no_circle() -> None:
+    """Following imports from any package never leads back to it (circles of any length)."""
+    packages = sorted(p.name for p in SRC.iterdir() if (p / "__init__.py").is_file())
+    imports = {package: imported_packages(package) & set(packages) for package in packages}
+    for start in packages:
+        seen, todo = set(), list(imports[start])
+        while todo:
+            package = todo.pop()
+            assert package != start, f"{start} imports itself back through {sorted(seen)}"
+            if package not in seen:
+                seen.add(package)
+                todo += imports[package]

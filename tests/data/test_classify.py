@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorakit.data.class_batches import ClassExample, LengthGroupedBatches, collate_class, length_grouped_indices
+from lorakit.data.class_batches import ClassExample, LengthGroupedBatches, collate_class, length_grouped_indices, model_inputs
 from lorakit.data.classify import LabelSet, load_class_records
 from lorakit.errors import LorakitError
 
@@ -91,3 +91,10 @@ def test_collate_pads_right_with_mask_and_types():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["token_type_ids"].tolist() == [[0, 0, 1], [0, 0, 0]]
     assert batch["labels"].tolist() == [1, 0] and batch["padding"] == [0, 2]
+
+
+def test_model_inputs_drop_the_mask_only_when_no_row_is_padded():
+    padded = collate_class([ClassExample([5, 6], 1, [0, 1]), ClassExample([8], 0, [0])], pad_token_id=0)
+    assert sorted(model_inputs(padded)) == ["attention_mask", "input_ids", "token_type_ids"]
+    even = collate_class([ClassExample([5, 6], 1), ClassExample([8, 9], 0)], pad_token_id=0)
+    assert sorted(model_inputs(even)) == ["input_ids"]

@@ -24,6 +24,8 @@ import torch
 from lorakit.data.classify import ClassRecord
 from lorakit.errors import LorakitError
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
 
 @dataclass(frozen=True)
 class ClassExample:
@@ -61,6 +63,15 @@ def collate_class(examples: Sequence[ClassExample], pad_token_id: int) -> dict:
     if examples[0].token_type_ids is not None:
         batch["token_type_ids"] = torch.tensor([e.token_type_ids + [0] * p for e, p in zip(examples, pads)], dtype=torch.long)
     return batch
+
+
+def model_inputs(batch: dict) -> dict:
+    """The forward's keyword arguments of a batch (training and inference alike): the mask only where
+    some row is padded, so an unpadded batch takes SDPA's unmasked (flash) kernel."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if "padding" in batch and not any(batch["padding"]):
+        inputs.pop("attention_mask", None)
+    return inputs
 
 
 def length_grouped_indices(lengths: Sequence[int], batch_size: int, seed: int = 0, epoch: int = 0, shuffle: bool = True,

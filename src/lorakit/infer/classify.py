@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from lorakit.data.class_batches import ClassExample, collate_class, length_grouped_indices
+from lorakit.data.class_batches import ClassExample, collate_class, length_grouped_indices, model_inputs
 from lorakit.data.classify import ClassRecord, LabelSet
 from lorakit.device import autocast, model_device
 from lorakit.errors import LorakitError
@@ -27,7 +27,6 @@ from lorakit.io import atomic_write_text
 from lorakit.lora.model import SEQ_CLS_HEAD_NAMES, LoraModel
 from lorakit.lora.peft_format import PREFIX, read_adapter_config, read_adapter_weights
 from lorakit.lora.routing import BASE
-from lorakit.train.classification import model_inputs
 
 LABELS_FILE = "labels.json"
 

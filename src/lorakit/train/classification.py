@@ -17,15 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def model_inputs(batch: dict) -> dict:
-    """The forward's keyword arguments: the mask only where some row is padded."""
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    if "padding" in batch and not any(batch["padding"]):
-        inputs.pop("attention_mask", None)
-    return inputs
+from lorakit.data.class_batches import model_inputs
 
 
 @dataclass(frozen=True)
