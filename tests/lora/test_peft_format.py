@@ -5,6 +5,8 @@ json; the model is left as it was."""
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -295,3 +297,78 @@ def test_generate_with_a_corrupted_adapter_is_one_line(adapter_dir: Path, tmp_pa
     assert code == 2
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("lorakit generate: error: ") and f"{adapter_dir / WEIGHTS_NAME} is not a valid safetensors file" in err
+
+
+# --- files that are not regular files: refused at once, never opened in a way that waits ------------
+def outcome_within(seconds: float, call, fifo: Path | None = None) -> BaseException | None:
+    """Run `call` in a thread and return what it raised; a call that blocks (opening a FIFO for reading
+    waits for a writer) fails the test after `seconds` instead of hanging the suite."""
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as err:  # noqa: BLE001 - handed to the test thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=seconds)
+    if thread.is_alive() and fifo is not None:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a writer that closes at once: the reader sees EOF
+        except OSError:  # no reader waiting in open()
+            pass
+    assert not thread.is_alive(), "the load blocked on a file that is not a regular file"
+    return outcome.get("error")
+
+
+def model_state(model: nn.Module) -> tuple[list[str], dict[str, torch.Tensor]]:
+    return list(model.peft_config), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", [WEIGHTS_NAME, CONFIG_NAME])
+@pytest.mark.parametrize("via_symlink", [False, True], ids=["fifo", "symlink-to-fifo"])
+def test_a_fifo_in_place_of_an_adapter_file_is_refused_promptly(adapter_dir: Path, tmp_path: Path, name: str, via_symlink: bool) -> None:
+    path = adapter_dir / name
+    path.unlink()
+    fifo = tmp_path / "elsewhere.fifo" if via_symlink else path
+    os.mkfifo(fifo)
+    if via_symlink:
+        path.symlink_to(fifo)
+    model = trained(seed=3)
+    before = model_state(model)
+    error = outcome_within(10, lambda: model.load_adapter(adapter_dir, adapter_name="extra"), fifo)
+    assert isinstance(error, LorakitError)
+    assert str(error) == f"{path} is not a regular file (a FIFO); replace it with the file save_pretrained wrote"
+    names, state = model_state(model)
+    assert names == before[0] == ["default"]
+    assert state.keys() == before[1].keys() and all(torch.equal(state[k], v) for k, v in before[1].items())
+
+
+def test_a_fifo_swapped_in_after_the_check_is_refused_by_the_open_descriptor(adapter_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = adapter_dir / WEIGHTS_NAME
+    path.unlink()
+    os.mkfifo(path)
+    regular = os.stat(adapter_dir / CONFIG_NAME)
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: regular if Path(p) == path else real_stat(p, *a, **k))  # the check saw a file
+    error = outcome_within(10, lambda: read_adapter_weights(adapter_dir), path)
+    assert isinstance(error, LorakitError) and f"{path} is not a regular file (a FIFO)" in str(error)
+
+
+def test_a_directory_in_place_of_the_weights_is_named(adapter_dir: Path) -> None:
+    (adapter_dir / WEIGHTS_NAME).unlink()
+    (adapter_dir / WEIGHTS_NAME).mkdir()
+    with pytest.raises(LorakitError, match=r"adapter_model\.safetensors is not a regular file \(a directory\); replace it"):
+        read_adapter_weights(adapter_dir)
+
+
+def test_symlinks_to_regular_files_are_followed(adapter_dir: Path, tmp_path: Path) -> None:
+    expected = logits(PeftModel.from_pretrained(make_tiny_llama(), adapter_dir))
+    store = tmp_path / "store"
+    store.mkdir()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        (adapter_dir / name).rename(store / name)
+        (adapter_dir / name).symlink_to(store / name)
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(make_tiny_llama(), adapter_dir)), expected, atol=0, rtol=0)

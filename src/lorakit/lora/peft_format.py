@@ -6,15 +6,17 @@ model's save_pretrained / load_adapter, `lorakit combine` on bare factors, check
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
 from lorakit.config import LoraConfig
@@ -118,10 +120,9 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
         LorakitError: the file is missing, is not JSON, or does not hold a JSON object.
     """
     path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise LorakitError(f"no {CONFIG_NAME} in {directory}; point at a directory written by save_pretrained")
+    raw = _read_regular_file(path, missing=f"no {CONFIG_NAME} in {directory}; point at a directory written by save_pretrained")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(raw.decode("utf-8"))
     except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8 text
         raise LorakitError(f"{path} is not valid JSON ({_one_line(err)}); re-save or re-download the adapter") from err
     if not isinstance(data, dict):
@@ -137,11 +138,10 @@ def read_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor
             a readable safetensors file (a damaged header, a truncated download).
     """
     path = Path(directory) / WEIGHTS_NAME
-    if not path.is_file():
-        hint = " (lorakit never unpickles adapter_model.bin; convert it to safetensors)" if (Path(directory) / "adapter_model.bin").exists() else ""
-        raise LorakitError(f"no {WEIGHTS_NAME} in {directory}{hint}")
+    hint = " (lorakit never unpickles adapter_model.bin; convert it to safetensors)" if (Path(directory) / "adapter_model.bin").exists() else ""
+    raw = _read_regular_file(path, missing=f"no {WEIGHTS_NAME} in {directory}{hint}")
     try:
-        return load_file(str(path))
+        return dict(sorted(load(raw).items()))  # by key, as load_file (safe_open) gives them
     except SafetensorError as err:
         raise LorakitError(f"{path} is not a valid safetensors file ({_one_line(err)}); re-save or re-download the adapter") from err
 
@@ -165,6 +165,43 @@ def split_factors(tensors: Mapping[str, torch.Tensor], source: str | os.PathLike
     if lonely:
         raise LorakitError(f"{source} has only one of lora_A / lora_B for {lonely[0]}; re-save the adapter")
     return {p: (h["lora_A"], h["lora_B"]) for p, h in halves.items()}, others
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _read_regular_file(path: Path, missing: str) -> bytes:
+    """The bytes of `path`, which must be a regular file (a symlink to one is followed).
+
+    Opening a FIFO waits for a writer, forever if none comes, and a device can stream without end, so
+    anything else is refused: by stat before opening, and again by fstat on a descriptor opened
+    non-blocking, in case the path was swapped for a FIFO in between (the open then returns at once).
+
+    Raises:
+        LorakitError: `missing` if there is no such file; "... is not a regular file" otherwise.
+    """
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        raise LorakitError(missing) from None
+    except OSError as err:
+        if err.errno != errno.ENXIO:  # ENXIO: a socket, which open() cannot read
+            raise
+        raise _not_regular(path, stat.S_IFSOCK) from None
+    with os.fdopen(fd, "rb") as file:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode)
+        return file.read()
+
+
+def _not_regular(path: Path, mode: int) -> LorakitError:
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a plain file")
+    return LorakitError(f"{path} is not a regular file ({kind}); replace it with the file save_pretrained wrote")
 
 
 def _one_line(err: Exception) -> str:
