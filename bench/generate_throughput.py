@@ -26,7 +26,6 @@ import torch
 from lorakit import LoraConfig, PeftModel, get_peft_model, load_model, load_tokenizer
 from lorakit.infer.engine import Completion, Engine
 from lorakit.infer.sampling import SamplingParams
-from lorakit.lora.routing import routed
 from lorakit.models.default import default_model_dir
 
 ADAPTERS = 8
@@ -104,7 +103,7 @@ def copy_bandwidth() -> float:
 
 def forward_ratio(engine: Engine, rows: int = 16, context: int = 128) -> tuple[float, float]:
     """(decode step, prefill) time of a 16-row batch with 8 distinct adapters over the base alone."""
-    decoder, model = engine.decoder, engine.registry.model
+    decoder, registry = engine.decoder, engine.registry
     cache = decoder.allocate(rows, context + 1)
     ids = torch.randint(100, 40000, (rows, context))
     specs = [f"a{i % ADAPTERS}" for i in range(rows)]
@@ -119,12 +118,12 @@ def forward_ratio(engine: Engine, rows: int = 16, context: int = 128) -> tuple[f
         return best
 
     ratios = []
-    for step in (lambda: decoder.decode(cache, ids[:, -1], torch.full((rows,), context)),
-                 lambda: decoder.prefill(cache, 0, ids, torch.full((rows,), context))):
+    for step in (lambda routing: decoder.decode(cache, ids[:, -1], torch.full((rows,), context), routing),
+                 lambda routing: decoder.prefill(cache, 0, ids, torch.full((rows,), context), routing)):
         times = {}
         for label, spec in (("base", ["__base__"] * rows), ("mixed", specs)):  # "__base__" rows: no adapter at all
-            with routed(model.routing(spec)):
-                times[label] = timed(step, 5)
+            routing = registry.routing(spec, engine.device)
+            times[label] = timed(lambda: step(routing), 5)
         ratios.append(times["mixed"] / times["base"])
     return ratios[0], ratios[1]
 
@@ -181,7 +180,7 @@ def main() -> int:
     paths = make_adapters(Path(args.adapters_dir))
     tokenizer = load_tokenizer("default")
     lora = lorakit_model(paths)
-    engine = Engine(lora, tokenizer, max_batch=args.concurrency, max_len=1024, compile=True)
+    engine = Engine.from_model(lora, tokenizer, max_batch=args.concurrency, max_len=1024, compile=True)
     prompts = [engine.chat_prompt(m) for m in chat_requests(args.requests)]
     adapters = [f"a{i % ADAPTERS}" for i in range(args.requests)]
     params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
@@ -195,7 +194,7 @@ def main() -> int:
     differ = sum(o.token_ids != a.token_ids for o, a in zip(outs[:check], alone))
     print(f"  default mode: {differ} of {check} responses differ from the same request run alone", flush=True)
 
-    det = Engine(lora, tokenizer, max_batch=args.concurrency, max_len=1024, deterministic=True)
+    det = Engine.from_model(lora, tokenizer, max_batch=args.concurrency, max_len=1024, deterministic=True)
     det_outs, wall = run_load(det, prompts, adapters, params, args.concurrency)
     det_row = summarize(f"lorakit batch-invariant mode, {ADAPTERS} adapters", det_outs, wall)
     det_alone = [det.generate([p], [a], params)[0] for p, a in zip(prompts[:check], adapters[:check])]

@@ -281,8 +281,8 @@ def inprocess(args) -> int:
     from lorakit.infer.sampling import SamplingParams
 
     paths = {f"a{i}": Path(args.adapters_dir) / f"a{i}" for i in range(ADAPTERS)}
-    engine = Engine(load_model("default", dtype="bfloat16"), load_tokenizer("default"), max_batch=args.concurrency,
-                    max_len=args.max_model_len, compile=not args.no_compile)  # as the server is run
+    engine = Engine.from_model(load_model("default", dtype="bfloat16"), load_tokenizer("default"), max_batch=args.concurrency,
+                               max_len=args.max_model_len, compile=not args.no_compile)  # as the server is run
     for name, path in paths.items():
         engine.registry.load(name, path, pin=True)
     prompts = [engine.chat_prompt(m) for m in chat_requests(args.requests)]

@@ -10,6 +10,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 
 from lorakit.errors import LorakitError
 from lorakit.infer.decoder import Norms, SlotDecoder, rotate, signed_sin
+from lorakit.lora.routing import Routing
 from tests.helpers import make_tiny_gpt2, make_tiny_llama
 
 
@@ -48,9 +49,9 @@ def test_prefill_and_decode_give_transformers_logits(rowwise: bool) -> None:
     ids = torch.zeros(3, 7, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = p
-    logits = decoder.prefill(cache, 0, ids, torch.tensor([7, 3, 5]))
+    logits = decoder.prefill(cache, 0, ids, torch.tensor([7, 3, 5]), None)
     nxt = torch.tensor([11, 12, 13])
-    step = decoder.decode(cache, nxt, torch.tensor([7, 3, 5]), rowwise=rowwise)
+    step = decoder.decode(cache, nxt, torch.tensor([7, 3, 5]), None, rowwise=rowwise)
     with torch.no_grad():
         for i, p in enumerate(prompts):
             full = model(torch.cat([p, nxt[i : i + 1]])[None]).logits[0]
@@ -63,16 +64,18 @@ def test_other_architectures_are_refused_with_one_line() -> None:
         SlotDecoder(make_tiny_gpt2())
 
 
-def _decode_both(eager: SlotDecoder, compiled: SlotDecoder, prompts: torch.Tensor, rows_per_step: Sequence[int]):
-    """Prefill the same prompts in both decoders' caches, then decode steps of these many rows in each:
-    yields (eager logits, compiled logits, eager cache, compiled cache, rows) per step."""
+def _decode_both(eager: SlotDecoder, compiled: SlotDecoder, prompts: torch.Tensor, rows_per_step: Sequence[int],
+                 routing: Routing | None = None):
+    """Prefill the same prompts in both decoders' caches, then decode steps of these many rows in each
+    (under `routing`, made for every prompt's row): yields (eager logits, compiled logits, eager cache,
+    compiled cache, rows) per step."""
     caches = [decoder.allocate(len(prompts), 32) for decoder in (eager, compiled)]
     lengths = torch.full((len(prompts),), prompts.shape[1])
     for decoder, cache in zip((eager, compiled), caches):
-        decoder.prefill(cache, 0, prompts, lengths)
+        decoder.prefill(cache, 0, prompts, lengths, routing)
     for rows in rows_per_step:
         tokens, positions = torch.arange(3, 3 + rows), lengths[:rows]
-        yield (*(d.decode(c, tokens, positions) for d, c in zip((eager, compiled), caches)), *caches, rows)
+        yield (*(d.decode(c, tokens, positions, routing) for d, c in zip((eager, compiled), caches)), *caches, rows)
 
 
 def test_compiled_decode_gives_the_eager_logits_and_cache_in_fp32() -> None:
@@ -87,15 +90,13 @@ def test_compiled_decode_gives_the_eager_logits_and_cache_in_fp32() -> None:
 
 
 def test_compiled_decode_runs_each_rows_adapters_in_bf16() -> None:
-    from lorakit.lora.routing import routed
     from tests.helpers import tiny_lora_model
 
     model = tiny_lora_model(dtype=torch.bfloat16)
     eager, compiled = SlotDecoder(model.model), SlotDecoder(model.model, compile=True)
     assert eager.attention_kernel is None and compiled.attention_kernel is not None  # bf16: the C++ kernel attends
     prompts = torch.randint(2, 128, (3, 6), generator=torch.Generator().manual_seed(0))
-    with routed(model.routing(["a", "__base__", {"b": 0.7, "c": 0.3}])):
-        (mine, theirs, *_), = _decode_both(eager, compiled, prompts, (3,))
+    (mine, theirs, *_), = _decode_both(eager, compiled, prompts, (3,), model.routing(["a", "__base__", {"b": 0.7, "c": 0.3}]))
     torch.testing.assert_close(theirs.float(), mine.float(), atol=0.05 * float(mine.abs().max()), rtol=0.02)
 
 
@@ -116,4 +117,4 @@ def test_a_failed_compilation_warns_and_decodes_eagerly() -> None:
     with pytest.warns(UserWarning, match="InvalidCxxCompiler: no working C.. compiler found\\); decoding eagerly"):
         decoder.warm_up(cache)
     assert decoder.compiled is None and cache.capacity == 64
-    decoder.decode(cache, torch.tensor([3, 4]), torch.tensor([0, 0]))  # eagerly
+    decoder.decode(cache, torch.tensor([3, 4]), torch.tensor([0, 0]), None)  # eagerly

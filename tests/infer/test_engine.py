@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ ADAPTERS = ["a", "b", None, "c", {"a": 0.5, "b": 0.5}, "a", "__base__", {"b": 1.
 
 
 def engine(model=None, **kw) -> Engine:
-    return Engine(model if model is not None else tiny_lora_model(), ToyTokenizer(), max_len=kw.pop("max_len", 96), **kw)
+    return Engine.from_model(model if model is not None else tiny_lora_model(), ToyTokenizer(), max_len=kw.pop("max_len", 96), **kw)
 
 
 def hf_greedy(model, prompt: str, adapter, n: int) -> list[int]:
@@ -151,13 +152,41 @@ def test_registry_changes_wait_for_the_step_in_flight(tmp_path) -> None:
     model = tiny_lora_model()
     model.save_pretrained(tmp_path, selected_adapters=["b"])
     eng = engine(model, max_batch=4)
-    running = eng.submit("keep going", "a", SamplingParams(max_tokens=60))
-    loader = threading.Thread(target=eng.registry.load, args=("b2", tmp_path / "b"))
-    loader.start()
-    loader.join()
-    late = eng.submit("late", "b2", SamplingParams(max_tokens=5)).result()
-    assert running.result().completion_tokens >= 1 and late.completion_tokens >= 1
-    eng.close()
+    stepping, changed_mid_step = threading.Event(), []
+    step = eng.step
+
+    def slow_step() -> None:  # each step holds the model for 10 ms more: a change not waiting would land inside
+        stepping.set()
+        try:
+            time.sleep(0.01)
+            step()
+        finally:
+            stepping.clear()
+
+    def watched(change):
+        def run(*args, **kwargs):
+            changed_mid_step.append(stepping.is_set())
+            return change(*args, **kwargs)
+        return run
+
+    eng.step = slow_step
+    lora = eng.registry.lora_model
+    lora.add_adapter_files, lora.delete_adapter = watched(lora.add_adapter_files), watched(lora.delete_adapter)
+    stop = threading.Event()
+    driver = threading.Thread(target=eng.run_forever, args=(stop.is_set,))  # a server's stepping thread
+    driver.start()
+    try:
+        running = eng.submit("keep going", "a", SamplingParams(max_tokens=60, ignore_eos=True))
+        assert stepping.wait(10)
+        eng.registry.load("b2", tmp_path / "b")  # while `running` steps
+        eng.registry.unload("c")
+        assert not running.done  # the changes came between its steps, not after it
+        late = eng.submit("late", "b2", SamplingParams(max_tokens=5)).result(timeout=60)
+        assert running.result(timeout=60).completion_tokens == 60 and late.completion_tokens >= 1
+    finally:
+        stop.set()
+        driver.join()
+    assert changed_mid_step == [False, False]
 
 
 def test_prefills_run_at_a_few_padded_lengths_within_the_context() -> None:

@@ -9,13 +9,12 @@ from torch import nn
 from lorakit.infer.decoder import SlotDecoder
 from lorakit.infer.packed import FusedLinear, can_pack
 from lorakit.kernels import routed_lora
-from lorakit.lora.routing import current_routing, routed
+from lorakit.lora.routing import Routing
 from tests.helpers import tiny_lora_model
 
-def outputs(fused: FusedLinear, x: torch.Tensor) -> list[torch.Tensor]:
-    """Each layer's output from the fused call, under the current routing."""
-    routing = current_routing()
-    routing = routing if routing is not None and not routing.base_only else None
+
+def outputs(fused: FusedLinear, x: torch.Tensor, routing: Routing | None = None) -> list[torch.Tensor]:
+    """Each layer's output from the fused call under `routing`."""
     sizes = [getattr(m, "base_layer", m).out_features for m in fused.modules()]
     return list(fused.resolve(routing, x.dtype)(x, routing).split(sizes, dim=-1))
 
@@ -36,9 +35,10 @@ def test_fused_projections_give_each_module_output_with_routed_adapters(by_kerne
     fused = FusedLinear(attn, ["q_proj", "k_proj", "v_proj"], kernel=routed_lora.load() if by_kernel else None)
     modules = [attn.q_proj, attn.k_proj, attn.v_proj]
     x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
-    with torch.inference_mode(), routed(model.routing(["a", "__base__", {"a": 0.5, "c": 1.0}])):
-        for mine, module in zip(outputs(fused, x), modules):
-            _close_in_bf16(mine, module(x))
+    routing = model.routing(["a", "__base__", {"a": 0.5, "c": 1.0}])
+    with torch.inference_mode():
+        for mine, module in zip(outputs(fused, x, routing), modules):
+            _close_in_bf16(mine, module.add_lora(module.base_layer(x), x, routing))
     if by_kernel:  # the kernel adds the adapters onto the base matmul: no second copy of the base weights
         assert fused._routed.weight is fused._plain.weight
 
@@ -73,10 +73,10 @@ def test_packed_decoder_gives_the_unpacked_logits_in_bf16() -> None:
     ids = torch.randint(2, 128, (3, 6), generator=torch.Generator().manual_seed(0))
     lengths, nxt = torch.tensor([6, 4, 5]), torch.tensor([9, 10, 11])
     results = []
-    with routed(model.routing(["a", "__base__", {"b": 0.7, "c": 0.3}])):
-        for decoder in (packed, plain):
-            cache = decoder.allocate(3, 16)
-            results.append((decoder.prefill(cache, 0, ids, lengths), decoder.decode(cache, nxt, lengths)))
+    routing = model.routing(["a", "__base__", {"b": 0.7, "c": 0.3}])
+    for decoder in (packed, plain):
+        cache = decoder.allocate(3, 16)
+        results.append((decoder.prefill(cache, 0, ids, lengths, routing), decoder.decode(cache, nxt, lengths, routing)))
     for mine, reference in zip(*results):
         _close_in_bf16(mine, reference)
 
@@ -89,10 +89,10 @@ def test_an_adapter_loaded_after_the_decoder_is_built_is_applied() -> None:
     base = make_tiny_llama().to(torch.bfloat16)
     decoder = SlotDecoder(base)  # q_proj is still a plain nn.Linear here
     ids, lengths = torch.randint(2, 128, (1, 5), generator=torch.Generator().manual_seed(0)), torch.tensor([5])
-    before = decoder.prefill(decoder.allocate(1, 8), 0, ids, lengths)
+    before = decoder.prefill(decoder.allocate(1, 8), 0, ids, lengths, None)
     lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), "a")
     randomize_lora_b(lora)
-    after = decoder.prefill(decoder.allocate(1, 8), 0, ids, lengths)
+    after = decoder.prefill(decoder.allocate(1, 8), 0, ids, lengths, None)
     with torch.inference_mode():
         _close_in_bf16(after, lora.model(ids).logits[:, -1])
     assert not torch.allclose(before, after)
@@ -107,18 +107,17 @@ def test_a_long_run_on_one_adapter_switches_to_merged_weights_and_back() -> None
     ids, lengths = torch.randint(2, 128, (2, 6), generator=torch.Generator().manual_seed(0)), torch.tensor([6, 6])
     nxt = torch.tensor([9, 10])
     qkv = decoder.projections.groups[0]
-    with routed(model.routing(["a", "a"])):
-        cache = decoder.allocate(2, 16)
-        decoder.prefill(cache, 0, ids, lengths)
-        routed_logits = decoder.decode(cache, nxt, lengths)
-        assert qkv._merged is None
-        for _ in range(MERGE_AFTER):
-            merged_logits = decoder.decode(cache, nxt, lengths)
-        assert qkv._merged is not None and decoder.projections._resolved[0] is qkv._merged
+    routing = model.routing(["a", "a"])
+    cache = decoder.allocate(2, 16)
+    decoder.prefill(cache, 0, ids, lengths, routing)
+    routed_logits = decoder.decode(cache, nxt, lengths, routing)
+    assert qkv._merged is None
+    for _ in range(MERGE_AFTER):
+        merged_logits = decoder.decode(cache, nxt, lengths, routing)
+    assert qkv._merged is not None and decoder.projections._resolved[0] is qkv._merged
     _close_in_bf16(merged_logits, routed_logits)
-    with routed(model.routing(["a", "b"])):  # rows on two adapters: the banks again
-        decoder.decode(cache, nxt, lengths)
-        assert decoder.projections._resolved[0] is qkv._routed
+    decoder.decode(cache, nxt, lengths, model.routing(["a", "b"]))  # rows on two adapters: the banks again
+    assert decoder.projections._resolved[0] is qkv._routed
 
 
 @needs_packing
@@ -132,9 +131,7 @@ def test_base_weights_packed_at_start_stay_packed_when_adapters_wrap_the_layers(
     qkv = decoder.projections.groups[0]
     packed = qkv._plain
     lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), "a")
-    with routed(lora.routing(["__base__"])):
-        assert qkv.resolve(current_routing(), torch.bfloat16) is packed  # not packed again
+    assert qkv.resolve(lora.routing(["__base__"]), torch.bfloat16) is packed  # not packed again
     with torch.no_grad():
         lora.model.model.layers[0].self_attn.q_proj.base_layer.weight.mul_(2)
-    with routed(lora.routing(["__base__"])):
-        assert qkv.resolve(current_routing(), torch.bfloat16) is not packed  # the weight changed: packed again
+    assert qkv.resolve(lora.routing(["__base__"]), torch.bfloat16) is not packed  # the weight changed: packed again

@@ -18,7 +18,7 @@ def adapter_dirs(tmp_path_factory):
 
 
 def state(registry: AdapterRegistry) -> dict:
-    return {k: v.clone() for k, v in registry.model.state_dict().items()}
+    return {k: v.clone() for k, v in registry.lora_model.state_dict().items()}
 
 
 def test_load_list_unload_adapters_of_different_ranks(adapter_dirs) -> None:
@@ -76,3 +76,32 @@ def test_names_are_checked(adapter_dirs) -> None:
         registry.load("a", adapter_dirs["b"])
     with pytest.raises(LorakitError, match="serving 1 request"):
         registry.acquire("a"), registry.unload("a")
+
+
+def test_adapter_files_are_read_before_the_model_lock_is_taken(adapter_dirs, tmp_path) -> None:
+    import os
+    import shutil
+    import threading
+
+    registry = AdapterRegistry(make_tiny_llama())
+    bad = tmp_path / "fifo"
+    bad.mkdir()
+    shutil.copy(adapter_dirs["a"] / "adapter_config.json", bad)
+    os.mkfifo(bad / "adapter_model.safetensors")
+    stepping, done = threading.Event(), threading.Event()
+
+    def step_in_flight() -> None:  # an engine step holding the model for as long as the load takes
+        with registry.lock:
+            stepping.set()
+            done.wait(30)
+
+    holder = threading.Thread(target=step_in_flight)
+    holder.start()
+    stepping.wait(10)
+    try:
+        with pytest.raises(LorakitError, match="not a regular file"):
+            registry.load("x", bad)  # refused from the files alone, while the step still holds the lock
+    finally:
+        done.set()
+        holder.join()
+    assert registry.names() == []

@@ -116,3 +116,12 @@ def test_routing_sees_adapters_trained_after_the_bank_was_built() -> None:
         model.set_adapter("a")
         torch.testing.assert_close(after, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("weight", [1e38, float("inf"), float("nan"), -1e9, 101.0])
+def test_mix_weights_must_be_finite_and_bounded(weight: float) -> None:
+    from lorakit.lora.routing import MAX_MIX_WEIGHT, row_mix
+
+    with pytest.raises(LorakitError, match=f"adapter 'b' has mix weight .*between -{MAX_MIX_WEIGHT:g} and {MAX_MIX_WEIGHT:g}"):
+        row_mix({"a": 0.5, "b": weight})
+    assert row_mix({"a": -0.5, "b": MAX_MIX_WEIGHT}) == {"a": -0.5, "b": MAX_MIX_WEIGHT}  # negatives subtract, as in peft

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     specs = parse_adapter_specs(args.adapter, MIXED)
     tokenizer = load_tokenizer(args.model)
     model = model_with_adapters(args.model, args.dtype, specs)
-    engine = Engine(model, tokenizer, max_batch=1, max_len=4096)
+    engine = Engine.from_model(model, tokenizer, max_batch=1, max_len=4096)
     if args.chat is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.chat}]
         prompt = engine.chat_prompt(messages)

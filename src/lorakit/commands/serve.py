@@ -83,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
     name = args.served_model_name or model_dir.name
     if args.compile and not args.deterministic:  # the batch-invariant mode never compiles
         print("lorakit serve: compiling the decode step (up to a minute on a cold inductor cache)", flush=True)
-    engine = Engine(load_model(args.model, dtype=args.dtype), load_tokenizer(args.model), max_batch=args.max_batch,
-                    max_len=args.max_model_len, deterministic=args.deterministic, max_loras=args.max_loras,
-                    prefix_cache_mb=args.prefix_cache_mb, compile=args.compile)
+    engine = Engine.from_model(load_model(args.model, dtype=args.dtype), load_tokenizer(args.model), max_batch=args.max_batch,
+                               max_len=args.max_model_len, deterministic=args.deterministic, max_loras=args.max_loras,
+                               prefix_cache_mb=args.prefix_cache_mb, compile=args.compile)
     for adapter in adapters:
         engine.registry.load(adapter.name, adapter.directory, pin=True)
     if engine.decoder.compiled is not None:  # its shapes compiled above; a shape it missed runs eagerly, not stalling everyone

@@ -25,19 +25,18 @@ from typing import Iterator, Sequence
 
 import torch
 
-from lorakit.infer.packed import Projection
-from lorakit.lora.routing import Routing
+from lorakit.infer.packed import StepProjections
 
 _library = torch.library.Library("lorakit", "DEF")
 _library.define("project(Tensor x, int group, int width) -> Tensor")
 
 
 class _Running(threading.local):
-    """The step running in this thread: its projections and routing, and the first group of the layer
-    (or chunk of layers) being run, which `project`'s group numbers count from."""
+    """What `project` reads, as a graph cannot carry it: the step running in this thread (its resolved
+    projections and routing) and the first group of the chunk of layers being run, which the graph's
+    group numbers count from (so one graph serves every chunk)."""
 
-    projections: Sequence[Projection] = ()
-    routing: Routing | None = None
+    step: StepProjections | None = None
     first: int = 0
 
 
@@ -45,7 +44,7 @@ _running = _Running()
 
 
 def _project(x: torch.Tensor, group: int, width: int) -> torch.Tensor:
-    out = _running.projections[_running.first + group](x, _running.routing)
+    out = _running.step(_running.first + group, x)
     return out if out.is_contiguous() else out.contiguous()  # graphs are traced with a contiguous output
 
 
@@ -59,17 +58,31 @@ torch.library.register_fake("lorakit::project", _project_shape, lib=_library)
 project = torch.ops.lorakit.project.default
 
 
+class GraphProjections:
+    """The projections as a compiled chunk calls them: group g (from the chunk's first) through
+    `lorakit::project`. `routing` is None: compiled chunks hold only gated MLPs, so no layer runs a
+    module that would read it."""
+
+    routing = None
+
+    def __init__(self, widths: Sequence[int]) -> None:
+        self.widths = list(widths)
+
+    def __call__(self, group: int, x: torch.Tensor) -> torch.Tensor:
+        return project(x, group, self.widths[group])
+
+
 @contextmanager
-def active(projections: Sequence[Projection], routing: Routing | None) -> Iterator[None]:
-    """Make `project` run these projections (one per group, in order) under this routing."""
-    saved = (_running.projections, _running.routing, _running.first)
-    _running.projections, _running.routing, _running.first = projections, routing, 0
+def running(step: StepProjections) -> Iterator[None]:
+    """Make `project` run this step's projections while its compiled chunks run in this thread."""
+    saved = (_running.step, _running.first)
+    _running.step, _running.first = step, 0
     try:
         yield
     finally:
-        _running.projections, _running.routing, _running.first = saved
+        _running.step, _running.first = saved
 
 
-def at_group(first_group: int) -> None:
-    """Make `project`'s group numbers count from this group (the first of the layers about to run)."""
+def at_chunk(first_group: int) -> None:
+    """Make `project`'s group numbers count from this group (the first of the chunk about to run)."""
     _running.first = first_group

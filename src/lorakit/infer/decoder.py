@@ -16,7 +16,7 @@ D head size, L tokens cached per slot at most."""
 from __future__ import annotations
 
 import warnings
-from typing import Callable, ContextManager, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -24,10 +24,10 @@ from torch.nn import functional as F
 
 from lorakit.errors import LorakitError
 from lorakit.infer.cache import SlotCache
-from lorakit.infer.compiled import active, at_group, project
-from lorakit.infer.packed import FusedLinear, Projections
+from lorakit.infer.compiled import GraphProjections, at_chunk, running
+from lorakit.infer.packed import FusedLinear, Projections, StepProjections
 from lorakit.kernels import decode_attention, routed_lora
-from lorakit.lora.routing import current_routing
+from lorakit.lora.routing import Routing, routed
 
 SMALL_ATTENTION = 192  # cached positions up to which one row's decode attention runs in fp32 (0.6-0.7 ms a step; a wash at 256)
 COMPILED_LAYERS = 5  # layers per compiled call: the whole default model in one graph ran no faster and took 4x as long to compile
@@ -104,14 +104,34 @@ def _gated(mlp: nn.Module) -> bool:
     return all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
 
 
-def _mark_varying(step: tuple[torch.Tensor, ...], cache: SlotCache) -> None:
+class DecodeStep(NamedTuple):
+    """The tensors every layer of one decode step reads besides its weights and cache (a compiled
+    chunk takes them as its leading arguments, in this order)."""
+
+    hidden: torch.Tensor  # (B, 1, C): the running layer's input
+    cos: torch.Tensor  # (B, 1, 1, D) rotary tables at the rows' positions
+    sin_signed: torch.Tensor  # (B, 1, 1, D), see signed_sin
+    visible: torch.Tensor | None  # what keeps each row to its own positions (SlotDecoder._visible)
+    positions: torch.Tensor  # (B,) the new tokens' positions
+    row_index: torch.Tensor  # (B,) 0..B-1, the rows' cache slots
+
+
+class Project(Protocol):
+    """Group g of the step's projections applied to x (StepProjections eagerly, GraphProjections in a graph)."""
+
+    routing: Routing | None
+
+    def __call__(self, group: int, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def _mark_varying(step: DecodeStep, cache: SlotCache) -> None:
     """Mark a compiled step's varying sizes dynamic: its rows (one row is a graph of its own) and the
     cache span. Marks matter only when a graph is traced, and cost ~80 us a call, so warm_up makes them."""
-    if step[0].shape[0] > 1:
-        for tensor in step:  # hidden, cos, sin, visible, positions, row index: rows first
+    if step.hidden.shape[0] > 1:
+        for tensor in step:  # every field has the rows first
             torch._dynamo.mark_dynamic(tensor, 0)
-    if step[3].dim() == 4:  # a mask (B, 1, 1, span) rather than the rows' lengths
-        torch._dynamo.mark_dynamic(step[3], 3)
+    if step.visible.dim() == 4:  # a mask (B, 1, 1, span) rather than the rows' lengths
+        torch._dynamo.mark_dynamic(step.visible, 3)
     for tensor in cache.keys + cache.values:
         torch._dynamo.mark_dynamic(tensor, 2)
 
@@ -155,6 +175,7 @@ class SlotDecoder:
         groups.append(FusedLinear(model, [_head_name(model)], pack, lora_kernel))
         self.projections = Projections(groups)
         self.widths = [sum(m.out_features for m in g.modules()) for g in groups]  # each group's output columns
+        self.graph_projections = GraphProjections(self.widths)
         uniform = self.norm.plain and all(self.gated) and not any(self.qk_norms) and set(self.activations) == {F.silu}
         # Only the row count and the cache span vary (marked while warming up); every other size is the
         # model's, and inductor's loops over static sizes (head size, widths) ran the glue 25% faster.
@@ -181,7 +202,7 @@ class SlotDecoder:
         self._tracing = True
         try:
             for rows, span in shapes:
-                self.decode(cache, torch.zeros(rows, dtype=torch.long), torch.full((rows,), min(span, cache.limit) - 1))
+                self.decode(cache, torch.zeros(rows, dtype=torch.long), torch.full((rows,), min(span, cache.limit) - 1), None)
         except Exception as error:  # inductor needs a C++ compiler, among other things: decode eagerly then
             warnings.warn(f"compiling the decode step failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
                           "decoding eagerly", stacklevel=2)
@@ -192,10 +213,11 @@ class SlotDecoder:
 
     @torch.inference_mode()
     def prefill(self, cache: SlotCache, first_slot: int, input_ids: torch.Tensor, lengths: torch.Tensor,
-                start: int = 0) -> torch.Tensor:
+                routing: Routing | None, start: int = 0) -> torch.Tensor:
         """Run right-padded prompts (B, T) into slots first_slot.. first_slot+B-1 from position `start`
-        (positions before it already cached: a shared prefix, infer/prefix.py); returns the logits after
-        each row's last real token (`lengths` counts from `start`), (B, V) in the model's dtype.
+        (positions before it already cached: a shared prefix, infer/prefix.py), each row with its adapters
+        under `routing` (None: no adapter loaded); returns the logits after each row's last real token
+        (`lengths` counts from `start`), (B, V) in the model's dtype.
 
         Padding sits after each prompt, so causal attention never lets a real token see it; its cache
         entries are overwritten by the first decoded tokens."""
@@ -207,24 +229,26 @@ class SlotDecoder:
         slots = slice(first_slot, first_slot + rows)
         # With a cached prefix the queries attend over it too: query t sees positions up to start + t.
         visible = torch.ones(steps, end, dtype=torch.bool, device=input_ids.device).tril(start) if start else None
-        with self._projected():
-            for index in range(len(self.inner.layers)):
-                at_group(self.first_group[index])
-                q, k, v = self._attention_inputs(index, 0, hidden, cos, sin_signed, self.norm.norms[2 * index])  # (B, H|KVH, T, D)
-                keys, values = cache.keys[index], cache.values[index]
-                keys[slots, :, start:end] = k
-                values[slots, :, start:end] = v
-                if start:
-                    k, v = keys[slots, :, :end], values[slots, :, :end]
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=not start,
-                                                     enable_gqa=self.kv_heads != self.heads)
-                hidden = self._finish_layer(index, 0, hidden, out.transpose(1, 2).reshape(rows, steps, -1), self.norm.norms[2 * index + 1])
-            return self._logits(hidden[torch.arange(rows), lengths - 1])  # after each prompt's last real token
+        project = self._resolve(routing)
+        for index in range(len(self.inner.layers)):
+            group = self.first_group[index]
+            q, k, v = self._attention_inputs(index, group, hidden, cos, sin_signed, self.norm.norms[2 * index], project)  # (B, H|KVH, T, D)
+            keys, values = cache.keys[index], cache.values[index]
+            keys[slots, :, start:end] = k
+            values[slots, :, start:end] = v
+            if start:
+                k, v = keys[slots, :, :end], values[slots, :, :end]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=not start,
+                                                 enable_gqa=self.kv_heads != self.heads)
+            hidden = self._finish_layer(index, group, hidden, out.transpose(1, 2).reshape(rows, steps, -1),
+                                        self.norm.norms[2 * index + 1], project)
+        return self._logits(hidden[torch.arange(rows), lengths - 1], project)  # after each prompt's last real token
 
     @torch.inference_mode()
-    def decode(self, cache: SlotCache, tokens: torch.Tensor, positions: torch.Tensor, rowwise: bool = False) -> torch.Tensor:
-        """One new token for each of the rows in slots 0..B-1, at `positions` (B,); returns (B, V) logits
-        in the model's dtype.
+    def decode(self, cache: SlotCache, tokens: torch.Tensor, positions: torch.Tensor, routing: Routing | None,
+               rowwise: bool = False) -> torch.Tensor:
+        """One new token for each of the rows in slots 0..B-1, at `positions` (B,), each row with its
+        adapters under `routing` (None: no adapter loaded); returns (B, V) logits in the model's dtype.
 
         `rowwise` attends row by row over exactly each row's own tokens, so a row's result does not
         depend on the other rows' lengths (the batch-invariant mode; never compiled)."""
@@ -232,28 +256,35 @@ class SlotDecoder:
         cache.fit(int(positions.max()) + 1, shrink=True)
         self.norm.refresh()
         hidden, cos, sin_signed = self._embed(tokens[:, None], positions[:, None])
-        step = (hidden, cos, sin_signed, self._visible(positions, cache.capacity, rowwise), positions,
-                torch.arange(rows, device=tokens.device))
+        step = DecodeStep(hidden, cos, sin_signed, self._visible(positions, cache.capacity, rowwise), positions,
+                          torch.arange(rows, device=tokens.device))
+        project = self._resolve(routing)
+        if self.compiled is not None and not rowwise:
+            hidden = self._decode_compiled(cache, step, project)
+        else:
+            position = int(positions[0]) if rows == 1 else None
+            for index in range(len(self.inner.layers)):
+                hidden = self._decode_layer(index, self.first_group[index], step, cache.keys[index], cache.values[index],
+                                            project, position, rowwise)
+                step = step._replace(hidden=hidden)
+        return self._logits(hidden[:, 0], project)
+
+    def _decode_compiled(self, cache: SlotCache, step: DecodeStep, project: StepProjections) -> torch.Tensor:
+        """The decode step's layers through the compiled chunks; their projections reach `project` through
+        compiled.py's thread-local (a graph cannot take it as an argument)."""
+        # Every input of a compiled graph made here, in inference mode and contiguous: a tensor that
+        # differs in either way from the one a graph was traced with makes torch.compile trace anew.
+        step = step._replace(hidden=step.hidden.clone(memory_format=torch.contiguous_format), positions=step.positions.clone())
+        if self._tracing:
+            _mark_varying(step, cache)
         layers = len(self.inner.layers)
-        with self._projected():
-            if self.compiled is not None and not rowwise:
-                # Every input of a compiled graph made here, in inference mode and contiguous: a tensor that
-                # differs in either way from the one a graph was traced with makes torch.compile trace anew.
-                step = (hidden.clone(memory_format=torch.contiguous_format), cos, sin_signed, step[3], positions.clone(), step[-1])
-                if self._tracing:
-                    _mark_varying(step, cache)
-                for first in range(0, layers, COMPILED_LAYERS):
-                    last = min(first + COMPILED_LAYERS, layers)
-                    at_group(self.first_group[first])
-                    hidden = self.compiled(*step, cache.keys[first:last], cache.values[first:last], self.norm.norms[2 * first : 2 * last])
-                    step = (hidden.clone(memory_format=torch.contiguous_format), *step[1:])  # inductor may pad rows apart
-            else:
-                position = int(positions[0]) if rows == 1 else None
-                for index in range(layers):
-                    at_group(self.first_group[index])
-                    hidden = self._decode_layer(index, 0, *step, cache.keys[index], cache.values[index], position, rowwise)
-                    step = (hidden, *step[1:])
-            return self._logits(hidden[:, 0])
+        with running(project):
+            for first in range(0, layers, COMPILED_LAYERS):
+                last = min(first + COMPILED_LAYERS, layers)
+                at_chunk(self.first_group[first])
+                hidden = self.compiled(*step, cache.keys[first:last], cache.values[first:last], self.norm.norms[2 * first : 2 * last])
+                step = step._replace(hidden=hidden.clone(memory_format=torch.contiguous_format))  # inductor may pad rows apart
+        return step.hidden
 
     def _visible(self, positions: torch.Tensor, span: int, rowwise: bool) -> torch.Tensor | None:
         """What keeps each row's attention to its own positions: nothing row by row (each row attends
@@ -273,26 +304,27 @@ class SlotDecoder:
         what `torch.compile` compiles, so it reads no layer's module and no Python number of a tensor.
         Only uniform models are compiled: every layer has four groups (q/k/v, o, gate/up, down), and
         layer j of the chunk stands in for any layer in the per-layer lists (gated, activations)."""
-        step = (cos, sin_signed, visible, positions, row_index)
+        step = DecodeStep(hidden, cos, sin_signed, visible, positions, row_index)
         for j in range(len(keys)):
-            hidden = self._decode_layer(j, 4 * j, hidden, *step, keys[j], values[j], norms=norms[2 * j : 2 * j + 2])
+            hidden = self._decode_layer(j, 4 * j, step, keys[j], values[j], self.graph_projections, norms=norms[2 * j : 2 * j + 2])
+            step = step._replace(hidden=hidden)
         return hidden
 
-    def _decode_layer(self, index: int, group: int, hidden: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
-                      visible: torch.Tensor | None, positions: torch.Tensor, row_index: torch.Tensor, keys: torch.Tensor,
-                      values: torch.Tensor, position: int | None = None, rowwise: bool = False,
+    def _decode_layer(self, index: int, group: int, step: DecodeStep, keys: torch.Tensor, values: torch.Tensor,
+                      project: Project, position: int | None = None, rowwise: bool = False,
                       norms: Sequence[torch.Tensor | nn.Module] | None = None) -> torch.Tensor:
         """One layer of a decode step: the layer `index` of the model (or of a compiled chunk, its norms
-        given), its projections from `group` on. `position`: the one row's, to write its cache by slice."""
+        given), its projections group `group` on. `position`: the one row's, to write its cache by slice."""
+        hidden, positions, visible = step.hidden, step.positions, step.visible
         rows, span = hidden.shape[0], keys.shape[2]
         if norms is None:
             norms = self.norm.norms[2 * index : 2 * index + 2]
-        q, k, v = self._attention_inputs(index, group, hidden, cos, sin_signed, norms[0])  # q (B, H, 1, D), k/v (B, KVH, 1, D)
+        q, k, v = self._attention_inputs(index, group, hidden, step.cos, step.sin_signed, norms[0], project)  # q (B, H, 1, D), k/v (B, KVH, 1, D)
         if position is not None:  # one row: a slice copy costs a third of the indexed write
             keys[0, :, position], values[0, :, position] = k[0, :, 0], v[0, :, 0]
         else:
-            keys[row_index, :, positions] = k[:, :, 0]
-            values[row_index, :, positions] = v[:, :, 0]
+            keys[step.row_index, :, positions] = k[:, :, 0]
+            values[step.row_index, :, positions] = v[:, :, 0]
         if rowwise:
             out = torch.cat([self._attend(q[b : b + 1], keys[b : b + 1, :, : int(positions[b]) + 1],
                                           values[b : b + 1, :, : int(positions[b]) + 1], None) for b in range(rows)])
@@ -300,7 +332,7 @@ class SlotDecoder:
             out = self.attention_kernel(q.reshape(rows, self.kv_heads, -1, self.head_dim), keys, values, visible, self.scale)
         else:
             out = self._attend(q, keys[:rows, :, :span], values[:rows, :, :span], visible)
-        return self._finish_layer(index, group, hidden, out.view(rows, 1, -1), norms[1])
+        return self._finish_layer(index, group, hidden, out.view(rows, 1, -1), norms[1], project)
 
     def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token embeddings (B, T, C) and the rotary tables (B, T, 1, D) for these positions."""
@@ -308,15 +340,9 @@ class SlotDecoder:
         cos, sin = self.inner.rotary_emb(hidden, positions)
         return hidden, cos[:, :, None], signed_sin(sin)[:, :, None]
 
-    def _projected(self) -> ContextManager[None]:
-        """The projections resolved for the current routing, made the ones `project` runs."""
-        routing = current_routing()
-        dtype = self.inner.embed_tokens.weight.dtype
-        return active(self.projections.resolve(routing, dtype), routing if routing is not None and not routing.base_only else None)
-
-    def _project(self, group: int, x: torch.Tensor) -> torch.Tensor:
-        """Group `group` (counted from the running layer's first, see compiled.at_group) applied to x."""
-        return project(x, group, self.widths[group])
+    def _resolve(self, routing: Routing | None) -> StepProjections:
+        """Every projection group resolved for this step's routing (re-resolved only when it changed)."""
+        return StepProjections(self.projections.resolve(routing, self.inner.embed_tokens.weight.dtype), routing)
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """One query per row against its cached keys and values, (B, KVH, span, D): (B, H, 1, D) -> (B, H, D).
@@ -338,11 +364,11 @@ class SlotDecoder:
         return torch.bmm(probs, values).to(dtype).reshape(rows, self.heads, self.head_dim)  # (B, H, D)
 
     def _attention_inputs(self, index: int, group: int, hidden: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
-                          norm: torch.Tensor | nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          norm: torch.Tensor | nn.Module, project: Project) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Hidden (B, T, C) -> normed, projected by `group` (q/k/v) and rotated: q (B, H, T, D), k and v (B, KVH, T, D)."""
         rows, steps, _ = hidden.shape
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-        qkv = self._project(group, self.norm(norm, hidden))
+        qkv = project(group, self.norm(norm, hidden))
         qk = qkv[..., : (heads + kv_heads) * dim].view(rows, steps, heads + kv_heads, dim)
         v = qkv[..., (heads + kv_heads) * dim :].view(rows, steps, kv_heads, dim)
         qk_norms = self.qk_norms[index]
@@ -352,16 +378,16 @@ class SlotDecoder:
         return qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2), v.transpose(1, 2)
 
     def _finish_layer(self, index: int, group: int, hidden: torch.Tensor, attended: torch.Tensor,
-                      norm: torch.Tensor | nn.Module) -> torch.Tensor:
+                      norm: torch.Tensor | nn.Module, project: Project) -> torch.Tensor:
         """hidden + o(attended), then the MLP's residual: the layer's output (B, T, C)."""
-        hidden = hidden + self._project(group + 1, attended)
+        hidden = hidden + project(group + 1, attended)
         normed = self.norm(norm, hidden)
-        if not self.gated[index]:
-            return hidden + self.mlps[index](normed)
-        gate, up = self._project(group + 2, normed).chunk(2, dim=-1)
-        return hidden + self._project(group + 3, self.activations[index](gate) * up)
+        if not self.gated[index]:  # transformers' module: its LoraLinear layers read the routing from LoraModel's door
+            with routed(project.routing):
+                return hidden + self.mlps[index](normed)
+        gate, up = project(group + 2, normed).chunk(2, dim=-1)
+        return hidden + project(group + 3, self.activations[index](gate) * up)
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor, project: StepProjections) -> torch.Tensor:
         """Final norm and output head: (B, C) -> (B, V) in the model's dtype."""
-        at_group(0)
-        return self._project(len(self.widths) - 1, self.norm(self.norm.norms[-1], hidden))
+        return project(len(self.widths) - 1, self.norm(self.norm.norms[-1], hidden))

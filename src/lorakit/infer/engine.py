@@ -42,11 +42,11 @@ from lorakit.data.templates import has_chat_template
 from lorakit.errors import LorakitError
 from lorakit.infer.cache import SlotCache
 from lorakit.infer.decoder import SlotDecoder
-from lorakit.infer.prefix import PrefixCache
+from lorakit.infer.prefix import PrefixCache, block_keys
 from lorakit.infer.registry import AdapterRegistry
 from lorakit.infer.sampling import SamplingParams, new_generator, next_tokens
 from lorakit.infer.text import TextStream
-from lorakit.lora.routing import RowSpec, SlotTable, build_routing, routed
+from lorakit.lora.routing import Routing, RowSpec, SlotTable
 
 PREFILL_TOKENS = 4096  # prompt tokens (rows x padded length) admitted in one prefill at most
 
@@ -131,29 +131,32 @@ class _Row:
     pending: int = -1  # the last sampled token, not yet in the cache
     first_token: float | None = None
     generated: list[int] = field(default_factory=list)
-    prefix_key: tuple = ()  # see prefix_key
+    block_keys: list[bytes] = field(default_factory=list)  # its prompt's prefix-cache keys (infer/prefix.py)
 
 
 class Engine:
     """One base model (with a registry of adapters) serving many generation requests at once."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 32, max_len: int = 2048,
-                 deterministic: bool = False, max_loras: int | None = None, prefix_cache_mb: float = 128,
-                 compile: bool = False) -> None:
-        """`prefix_cache_mb`: memory for the keys and values of prompt blocks shared between requests
-        (infer/prefix.py; 0 turns it off; always off in the batch-invariant mode). `compile`: compile the
-        decode step (infer/compiled.py; the batch-invariant mode's steps are never compiled)."""
-        self.registry = model if isinstance(model, AdapterRegistry) else AdapterRegistry(model, max_loras)
+    def __init__(self, registry: AdapterRegistry, tokenizer: Any, *, max_batch: int = 32, max_len: int = 2048,
+                 deterministic: bool = False, prefix_cache_mb: float = 128, compile: bool = False) -> None:
+        """`registry`: the base and its adapters (Engine.from_model builds one). `prefix_cache_mb`: memory
+        for the keys and values of prompt blocks shared between requests (infer/prefix.py; 0 turns it off;
+        always off in the batch-invariant mode). `compile`: compile the decode step (infer/compiled.py;
+        the batch-invariant mode's steps are never compiled)."""
+        if not isinstance(registry, AdapterRegistry):
+            raise TypeError(f"Engine takes an AdapterRegistry, not {type(registry).__name__}; use Engine.from_model(model, tokenizer)")
+        self.registry = registry
         self.tokenizer = tokenizer
-        self.decoder = SlotDecoder(self.registry.model.model, compile=compile and not deterministic)
-        context = getattr(self.registry.model.config, "max_position_embeddings", max_len)
+        model = registry.causal_lm
+        self.decoder = SlotDecoder(model, compile=compile and not deterministic)
+        context = getattr(model.config, "max_position_embeddings", max_len)
         self.max_len = min(max_len, context)
         self.max_batch = max_batch
         self.deterministic = deterministic
         self.prefixes = PrefixCache(0 if deterministic else int(prefix_cache_mb * 2**20))
         self.cache: SlotCache = self.decoder.allocate(max_batch, self.max_len)
         self.decoder.warm_up(self.cache)  # packs the base weights; compiling: 30-60 s more on the default model, less once cached
-        self.eos_ids = _eos_ids(self.registry.model.model, tokenizer)
+        self.eos_ids = _eos_ids(model, tokenizer)
         self.device = self.decoder.inner.embed_tokens.weight.device
         self._waiting: deque[_Row] = deque()
         self._running: list[_Row] = []  # row i lives in cache slot i
@@ -162,7 +165,13 @@ class Engine:
         self._drive_lock = threading.Lock()  # one thread steps at a time
         self._owner: threading.Thread | None = None  # the thread in run_forever(), if any
         self.steps = 0
-        self._last_routing: tuple[tuple, Any] | None = None
+        self._last_routing: tuple[tuple, Routing | None] | None = None
+
+    @classmethod
+    def from_model(cls, model: nn.Module, tokenizer: Any, *, max_loras: int | None = None, **options: Any) -> Engine:
+        """An engine over a transformers model or a LoraModel (its adapters registered), with a registry of
+        its own holding at most `max_loras` adapters (None: no cap); `options` as for Engine()."""
+        return cls(AdapterRegistry(model, max_loras), tokenizer, **options)
 
     # --- public API -------------------------------------------------------------------------------
     def submit(self, prompt: str | Sequence[int], adapter: RowSpec = None, params: SamplingParams | None = None,
@@ -300,11 +309,11 @@ class Engine:
             for row in new:
                 self._prefill([row])
             return
-        table = self.registry.model.slot_table  # read once: it sums every adapter tensor's version counter
+        table = self.registry.slot_table()  # read once: it sums every adapter tensor's version counter
         by_start: dict[int, list[_Row]] = {}  # rows whose cached prefixes are equally long prefill together
         for row in new:
-            row.prefix_key = prefix_key(row.mix, table)
-            by_start.setdefault(self.prefixes.cached_length(row.prompt, row.prefix_key), []).append(row)
+            row.block_keys = block_keys(row.prompt, prefix_key(row.mix, table))
+            by_start.setdefault(self.prefixes.cached_length(row.prompt, row.block_keys), []).append(row)
         for start, rows in by_start.items():
             self._prefill(rows, start)
 
@@ -313,17 +322,16 @@ class Engine:
         first_slot = len(self._running)
         if start:
             for slot, row in enumerate(rows, first_slot):
-                self.prefixes.restore(self.cache, slot, row.prompt, row.prefix_key, start)
+                self.prefixes.restore(self.cache, slot, row.block_keys, start)
         longest = min(prefill_length(max(len(r.prompt) for r in rows) - start), self.max_len - start)
         ids = torch.zeros(len(rows), longest, dtype=torch.long)
         for i, row in enumerate(rows):
             ids[i, : len(row.prompt) - start] = torch.tensor(row.prompt[start:])
         lengths = torch.tensor([len(r.prompt) - start for r in rows])
-        with routed(self._routing(rows)):
-            logits = self.decoder.prefill(self.cache, first_slot, ids.to(self.device), lengths.to(self.device), start)
+        logits = self.decoder.prefill(self.cache, first_slot, ids.to(self.device), lengths.to(self.device), self._routing(rows), start)
         if self.prefixes.max_bytes:
             for slot, row in enumerate(rows, first_slot):
-                self.prefixes.store(self.cache, slot, row.prompt, row.prefix_key, start)
+                self.prefixes.store(self.cache, slot, row.block_keys, start)
         self._running.extend(rows)
         now = time.perf_counter()
         for row in rows:  # every length first: accepting a token may retire a row and move another
@@ -336,25 +344,23 @@ class Engine:
         pad = self.max_batch - len(rows) if self.deterministic else 0
         tokens = torch.tensor([r.pending for r in rows] + [0] * pad, device=self.device)
         positions = torch.tensor([r.length for r in rows] + [0] * pad, device=self.device)
-        with routed(self._routing(rows, pad)):
-            logits = self.decoder.decode(self.cache, tokens, positions, rowwise=self.deterministic)
+        logits = self.decoder.decode(self.cache, tokens, positions, self._routing(rows, pad), rowwise=self.deterministic)
         chosen = next_tokens(logits[: len(rows)], [r.params for r in rows], [r.generator for r in rows])
         for row in rows:  # every length first: accepting a token may retire a row and move another
             row.length += 1
         for row, token in zip(rows, chosen):
             self._accept(row, token)
 
-    def _routing(self, rows: list[_Row], pad: int = 0):
-        """The routing of these rows, reused while the same rows run: building it reads every adapter
-        tensor's version counter (~1 ms on 8 adapters of the default model), too much for every token.
-        A step that admits or retires rows builds a new one, so adapter changes are seen there."""
-        if not self.registry.model.peft_config:
-            return None
-        key = (tuple(r.handle.id for r in rows), pad, self.registry.model.adapters_version)  # ids never reused
+    def _routing(self, rows: list[_Row], pad: int = 0) -> Routing | None:
+        """The routing of these rows (the step's metadata, handed to the decoder), reused while the same
+        rows run: building it reads every adapter tensor's version counter (~1 ms on 8 adapters of the
+        default model), too much for every token. A step that admits or retires rows builds a new one,
+        so adapter changes are seen there."""
+        key = (tuple(r.handle.id for r in rows), pad, self.registry.version)  # ids never reused
         if self._last_routing is not None and self._last_routing[0] == key:
             return self._last_routing[1]
         specs: list[RowSpec] = [r.mix for r in rows] + [None] * pad
-        routing = build_routing(specs, self.registry.model.slot_table, self.device, batch_invariant=self.deterministic)
+        routing = self.registry.routing(specs, self.device, batch_invariant=self.deterministic)
         self._last_routing = (key, routing)
         return routing
 

@@ -44,6 +44,19 @@ _linear = torch.ops.mkldnn._linear_pointwise
 Projection = Callable[[torch.Tensor, "Routing | None"], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class StepProjections:
+    """One step's data flow to its projections, the per-step metadata every layer reads (as vLLM's
+    punica wrapper holds a step's LoRA mapping): every group resolved for this step, and the routing
+    they run under. `step(g, x)` is group g's output for x."""
+
+    projections: Sequence[Projection]
+    routing: Routing | None  # None: no adapter is loaded (LoraLinear layers then add their active ones)
+
+    def __call__(self, group: int, x: torch.Tensor) -> torch.Tensor:
+        return self.projections[group](x, self.routing)
+
+
 def _base(module: nn.Module) -> nn.Module:
     """The nn.Linear under a LoraLinear, or the module itself (read from _modules: called ~200 times a step)."""
     return module._modules.get("base_layer", module) if isinstance(module, LoraLinear) else module
@@ -71,7 +84,7 @@ class _Modules:
     modules: list[nn.Module]
 
     def __call__(self, x: torch.Tensor, routing: Routing | None) -> torch.Tensor:
-        outs = [m(x) for m in self.modules]
+        outs = [m.add_lora(m.base_layer(x), x, routing) if isinstance(m, LoraLinear) else m(x) for m in self.modules]
         return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
 
 

@@ -82,7 +82,7 @@ def _engine_can_run(model: nn.Module) -> bool:
 
 def _engine_answers(model, tokenizer, prompts, adapters, max_new_tokens, max_batch) -> list[str]:
     longest = max(len(p) for p in prompts) + max_new_tokens + 1
-    engine = Engine(model, tokenizer, max_batch=min(max_batch, len(prompts)), max_len=longest)
+    engine = Engine.from_model(model, tokenizer, max_batch=min(max_batch, len(prompts)), max_len=longest)
     try:
         params = SamplingParams(max_tokens=max_new_tokens)
         handles = [engine.submit(p, a, params) for p, a in zip(prompts, adapters)]

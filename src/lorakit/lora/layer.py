@@ -112,15 +112,15 @@ class LoraLinear(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.add_lora(self.base_layer(x), x)
+        """transformers' call: the routing comes from LoraModel's door (lora/routing.routed), if any."""
+        return self.add_lora(self.base_layer(x), x, current_routing())
 
-    def add_lora(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The base layer's output `result` for input `x` plus whatever adapters apply: the routed rows'
-        adapters, else the active ones. Split from forward so a caller that computes the base output its
-        own way (the generation engine's fused, prepacked matmuls) adds the same adapter terms."""
+    def add_lora(self, result: torch.Tensor, x: torch.Tensor, routing: Routing | None) -> torch.Tensor:
+        """The base layer's output `result` for input `x` plus whatever adapters apply: each row's own
+        under `routing`, else (None) the active ones. Split from forward so the generation engine, which
+        passes its step's routing explicitly, adds the same adapter terms."""
         if self.disabled:
             return result
-        routing = current_routing()
         if routing is not None:
             if self.merged_adapters:  # every row, "__base__" ones too, would see the merged weights
                 raise LorakitError("per-row adapters cannot run while adapters are merged into the weights; call unmerge_adapter() first")

@@ -7,7 +7,7 @@ import operator
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -21,6 +21,18 @@ from lorakit.lora.peft_format import load_adapter_weights, read_adapter_config, 
 from lorakit.lora.routing import BASE, RowSpec, SlotTable, build_routing, require_known, routed
 
 _VERSION = operator.attrgetter("_version")  # in-place update counter of a tensor (summed once per routing)
+
+
+class AdapterFiles(NamedTuple):
+    """A peft-format adapter as read from its directory, not yet in any model."""
+
+    config: LoraConfig
+    tensors: dict[str, torch.Tensor]
+
+
+def read_adapter_files(directory: str | os.PathLike) -> AdapterFiles:
+    """Read and check an adapter directory's two files (LorakitError naming the problem otherwise)."""
+    return AdapterFiles(read_adapter_config(directory), read_adapter_weights(directory))
 
 
 class LoraModel(nn.Module):
@@ -149,8 +161,12 @@ class LoraModel(nn.Module):
 
     def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False) -> None:
         """Read a peft-format adapter into this model under `adapter_name`; nothing changes if it does not fit."""
-        config = read_adapter_config(directory)
-        tensors = read_adapter_weights(directory)
+        self.add_adapter_files(adapter_name, read_adapter_files(directory), is_trainable)
+
+    def add_adapter_files(self, adapter_name: str, files: AdapterFiles, is_trainable: bool = False) -> None:
+        """Add an adapter already read from disk (read_adapter_files); nothing changes if it does not fit.
+        Split from load_adapter so a server reads files before it holds the lock its engine steps under."""
+        config, tensors = dataclasses.replace(files.config), files.tensors
         config.inference_mode = not is_trainable
         active = self.active_adapter if self.peft_config else adapter_name
         if adapter_name == BASE:

@@ -9,6 +9,7 @@ in between needs no new arguments, and concurrent calls in other threads each se
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ import torch
 from lorakit.errors import LorakitError
 
 BASE = "__base__"
+# The largest |scale| a row may give an adapter. peft takes any finite weight (negative ones subtract an
+# adapter); beyond ~100 the bf16 delta swamps the base and the answer is noise (1e38 overflows to inf).
+MAX_MIX_WEIGHT = 100.0
 RowSpec = Union[str, Mapping[str, float], None]
 
 
@@ -88,7 +92,12 @@ def row_mix(spec: RowSpec) -> dict[str, float]:
     if isinstance(spec, str):
         return {spec: 1.0}
     if isinstance(spec, Mapping):
-        return {str(k): float(v) for k, v in spec.items() if k != BASE}
+        mix = {str(k): float(v) for k, v in spec.items() if k != BASE}
+        for name, weight in mix.items():
+            if not math.isfinite(weight) or abs(weight) > MAX_MIX_WEIGHT:
+                raise LorakitError(f"adapter {name!r} has mix weight {weight}; use a finite weight between "
+                                   f"-{MAX_MIX_WEIGHT:g} and {MAX_MIX_WEIGHT:g}")
+        return mix
     raise LorakitError(f"an adapter row spec must be a name, {BASE!r} or a {{name: scale}} mapping, not {type(spec).__name__}")
 
 
