@@ -2,16 +2,23 @@
 
 Requests often share a beginning (a chat template's system prompt, a few-shot preamble); their keys
 and values at those positions are the same whenever the tokens and the adapter mix are, because
-attention is causal. Full blocks of BLOCK prompt tokens are kept after each prefill, keyed by the
-whole prefix up to the block's end, the row's adapter mix and the adapters' versions (a reloaded or
-retrained adapter never matches an old block); a new prompt copies its longest run of cached blocks
-into its slot and prefills only the rest. Bounded by bytes, least recently used evicted first.
+attention is causal. Full blocks of BLOCK prompt tokens are kept after each prefill, keyed by a chain
+of hashes (as vLLM's prefix caching does): block i's key hashes block i-1's key with block i's tokens,
+and the first block's starts from the row's adapter mix and the adapters' versions (a reloaded or
+retrained adapter never matches an old block). So a key stands for the whole prefix up to its block's
+end, and a prompt's keys cost one pass over its tokens (keying every block by the prefix's tokens
+themselves was quadratic in the prompt's length). The hash is BLAKE2b's 128 bits: a collision, which
+would hand a prompt another's keys, is not a practical concern. A new prompt copies its longest run of
+cached blocks into its slot and prefills only the rest. Bounded by bytes, least recently used evicted
+first.
 
 Off in the batch-invariant mode: a prefix's cached keys were computed in another prompt's prefill, so
 a request's tokens would depend on what ran before it."""
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable, Sequence
@@ -40,7 +47,7 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self.nbytes = 0
         self.hits = 0  # prompt tokens served from the cache, since the start
-        self._blocks: OrderedDict[tuple, _Block] = OrderedDict()
+        self._blocks: OrderedDict[bytes, _Block] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -50,32 +57,32 @@ class PrefixCache:
         self._blocks.clear()
         self.nbytes = 0
 
-    def cached_length(self, prompt: Sequence[int], mix: Hashable) -> int:
-        """How many leading tokens of `prompt` are cached for `mix` (whole blocks; always at least one
-        token short of the prompt, whose logits the prefill must compute)."""
+    def cached_length(self, prompt: Sequence[int], keys: Sequence[bytes]) -> int:
+        """How many leading tokens of `prompt` (its block keys: block_keys) are cached (whole blocks;
+        always at least one token short of the prompt, whose logits the prefill must compute)."""
         length = 0
-        while length + BLOCK < len(prompt) and _key(prompt, length + BLOCK, mix) in self._blocks:
+        while length + BLOCK < len(prompt) and keys[length // BLOCK] in self._blocks:
             length += BLOCK
         return length
 
     @torch.inference_mode()
-    def restore(self, cache: SlotCache, slot: int, prompt: Sequence[int], mix: Hashable, length: int) -> None:
-        """Copy the first `length` cached tokens of `prompt` (see cached_length) into `slot`."""
+    def restore(self, cache: SlotCache, slot: int, keys: Sequence[bytes], length: int) -> None:
+        """Copy the first `length` cached tokens of a prompt (its block keys; see cached_length) into `slot`."""
         cache.fit(length)
         for end in range(BLOCK, length + 1, BLOCK):
-            key = _key(prompt, end, mix)
+            key = keys[end // BLOCK - 1]
             block = self._blocks[key]
             self._blocks.move_to_end(key)
-            for layer, (keys, values) in enumerate(zip(cache.keys, cache.values)):
-                keys[slot, :, end - BLOCK : end] = block.keys[layer]
-                values[slot, :, end - BLOCK : end] = block.values[layer]
+            for layer, (cached_keys, cached_values) in enumerate(zip(cache.keys, cache.values)):
+                cached_keys[slot, :, end - BLOCK : end] = block.keys[layer]
+                cached_values[slot, :, end - BLOCK : end] = block.values[layer]
         self.hits += length
 
     @torch.inference_mode()
-    def store(self, cache: SlotCache, slot: int, prompt: Sequence[int], mix: Hashable, start: int) -> None:
-        """Keep the full blocks of `prompt` from position `start` on, just prefilled into `slot`."""
-        for end in range(start + BLOCK, len(prompt) + 1, BLOCK):
-            key = _key(prompt, end, mix)
+    def store(self, cache: SlotCache, slot: int, keys: Sequence[bytes], start: int) -> None:
+        """Keep a prompt's full blocks (its block keys) from position `start` on, just prefilled into `slot`."""
+        for end in range(start + BLOCK, len(keys) * BLOCK + 1, BLOCK):
+            key = keys[end // BLOCK - 1]
             if key in self._blocks:
                 continue
             block = _Block(torch.stack([k[slot, :, end - BLOCK : end] for k in cache.keys]),
@@ -88,5 +95,13 @@ class PrefixCache:
                 self.nbytes -= self._blocks.popitem(last=False)[1].nbytes
 
 
-def _key(prompt: Sequence[int], end: int, mix: Hashable) -> tuple:
-    return (mix, tuple(prompt[:end]))
+def block_keys(prompt: Sequence[int], mix: Hashable) -> list[bytes]:
+    """The chained keys of `prompt`'s full blocks: key i stands for tokens 0..(i+1)*BLOCK under `mix`
+    (anything hashable by its repr: the adapter mix and the adapters' versions)."""
+    key = hashlib.blake2b(repr(mix).encode(), digest_size=16).digest()
+    keys = []
+    tokens = array("q", prompt)
+    for end in range(BLOCK, len(prompt) + 1, BLOCK):
+        key = hashlib.blake2b(key + tokens[end - BLOCK : end].tobytes(), digest_size=16).digest()
+        keys.append(key)
+    return keys
