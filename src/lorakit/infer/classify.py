@@ -1,7 +1,8 @@
 """Classification inference: probabilities, accuracy and macro-F1 of base heads and SEQ_CLS adapters.
 
-    model, tokenizer, labels = load_classification_adapter("out/lorakit/adapter")
+    model, tokenizer, labels = load_classification_adapters({"sentiment": "out/lorakit/adapter"})
     probs = predict_proba(model, tokenize_class(records, None, tokenizer, 512), tokenizer.pad_token_id)  # (N, C)
+    # tokenize_class: lorakit.data.class_batches; records (ClassRecord): lorakit.data.classify
 
 Batches are sorted by length (little padding), run without gradients under bf16 autocast, and the
 rows come back in the input order. A SEQ_CLS adapter directory holds peft's two files plus

@@ -7,8 +7,9 @@
 
 The normaliser is the label count of the whole optimizer step (all its micro-batches; under
 data-parallel training, of all processes), which the caller passes: so accumulation and data
-parallelism give the same update as one big batch. An `Objective` says what is learned; `CausalLM`
-(next-token loss through the chunked frozen head) is the one lorakit trains today."""
+parallelism give the same update as one big batch. An `Objective` says what is learned: `CausalLM`
+here (next-token loss through the chunked frozen head), `Classification` in train/classification.py
+(cross-entropy over class labels)."""
 
 from __future__ import annotations
 
