@@ -181,3 +181,19 @@ def test_validate_accepts_good_values_and_returns_the_params(kwargs):
     params = SamplingParams(**kwargs)
     assert params.problems() == []
     assert params.validate() is params
+
+
+# --- known bugs ---------------------------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="bug: validate() accepts temperature=nan (nan < 0 is False); sample() then "
+                   "raises in torch.multinomial, and the engine fails every row of that decode step")
+def test_validate_refuses_a_nan_temperature():
+    with pytest.raises(LorakitError, match="temperature"):
+        SamplingParams(temperature=float("nan")).validate()
+
+
+@pytest.mark.xfail(strict=True, reason="bug: validate() accepts a non-integer top_k (only max_tokens is type-checked); "
+                   "sample() then raises TypeError in torch.topk")
+def test_validate_refuses_a_fractional_top_k():
+    with pytest.raises(LorakitError, match="top_k"):
+        SamplingParams(temperature=1.0, top_k=2.5).validate()
