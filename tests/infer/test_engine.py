@@ -119,7 +119,7 @@ def test_requests_that_cannot_fit_are_refused_with_one_line() -> None:
         eng.submit("x" * 40, None)
     with pytest.raises(LorakitError, match="lower max_tokens to at most 22"):
         eng.submit("x" * 10, None, SamplingParams(max_tokens=30))
-    with pytest.raises(LorakitError, match="temperature must be >= 0"):
+    with pytest.raises(LorakitError, match="temperature must be a finite number >= 0"):
         eng.submit("x", None, SamplingParams(temperature=-1))
     with pytest.raises(LorakitError, match="no adapter named 'nope'; loaded adapters: a, b, c"):
         eng.submit("x", "nope")

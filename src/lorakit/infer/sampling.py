@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,12 +27,12 @@ class SamplingParams:
         found = []
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             found.append(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            found.append(f"temperature must be >= 0, got {self.temperature}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+            found.append(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             found.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            found.append(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            found.append(f"top_k must be an integer >= 0 (0 = no limit), got {self.top_k!r}")
         return found
 
     def validate(self) -> SamplingParams:
