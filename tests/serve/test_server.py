@@ -140,6 +140,29 @@ def test_bad_requests_get_openai_errors(server, body, status, words) -> None:
     assert words in error["message"] and {"type", "param", "code"} <= set(error)
 
 
+@pytest.mark.parametrize("weight", [1e38, float("inf"), float("nan"), -1e9])
+def test_an_adapter_weight_beyond_the_bound_gets_a_400_naming_adapters(server, weight) -> None:
+    body = {"model": BASE, "prompt": "x", "max_tokens": 2, "adapters": {"one": weight}}
+    response = post(server, "/v1/completions", body)  # json.dumps writes inf / nan as Infinity / NaN tokens
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "adapters" and "'one'" in error["message"] and "-100 to 100" in error["message"]
+
+
+@pytest.mark.parametrize("weight", [0.5, -0.5])
+def test_an_adapter_weight_within_the_bound_is_served(server, weight) -> None:
+    body = {"model": BASE, "prompt": "x", "max_tokens": 2, "adapters": {"one": weight}}
+    response = post(server, "/v1/completions", body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 2
+
+
+def test_an_integer_over_pythons_digit_limit_is_a_400_not_a_crash(server) -> None:
+    body = b'{"model": "one", "prompt": "x", "adapters": {"one": ' + b"1" * 5000 + b"}}"
+    response = post(server, "/v1/completions", body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "body"
+
+
 def test_malformed_json_oversized_bodies_and_keys(server) -> None:
     assert post(server, "/v1/chat/completions", b"{not json").status_code == 400
     assert post(server, "/v1/chat/completions", b"x" * (2 << 20)).status_code == 413

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorakit.infer.sampling import SamplingParams
+from lorakit.lora.routing import MAX_MIX_WEIGHT
 
 
 class ApiError(Exception):
@@ -53,6 +54,8 @@ def _number(body: dict, key: str, default: float | None, low: float | None = Non
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad(key, f"'{key}' must be a number, got {type(value).__name__}")
+    if value != value:  # NaN (json.loads reads the token) passes every bound check below
+        raise bad(key, f"'{key}' must be a number, got NaN")
     if low is not None and (value < low or (low_open and value == low)):
         raise bad(key, f"'{key}' must be {'>' if low_open else '>='} {low}, got {value}")
     if high is not None and value > high:
@@ -89,7 +92,21 @@ def _adapters(body: dict) -> dict[str, float] | None:
     if not isinstance(mix, dict) or not mix or not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
                                                          for k, v in mix.items()):
         raise bad("adapters", "'adapters' must be an object of adapter name -> scale, e.g. {\"a\": 0.7, \"b\": 0.3}")
+    # The bound is the library's (lora/routing.py says why 100: peft takes any finite weight, negatives
+    # included, but past ~100 the answer is noise and 1e38 overflows to inf); checked here too, so the
+    # client gets a 400 naming the field before the engine sees the request.
+    for name, weight in mix.items():
+        # one comparison refuses nan (never <=), +-inf (json.loads reads Infinity / NaN tokens) and
+        # integers too large for a float, before float() could overflow
+        if not abs(weight) <= MAX_MIX_WEIGHT:
+            raise bad("adapters", f"'adapters' weight of {name!r} must be a finite number from -{MAX_MIX_WEIGHT:g} "
+                      f"to {MAX_MIX_WEIGHT:g}, got {_shown(weight)}")
     return {k: float(v) for k, v in mix.items()}
+
+
+def _shown(value: int | float) -> str:
+    """A number for an error message: a huge integer as its magnitude, not its hundreds of digits."""
+    return f"a {len(str(abs(value)))}-digit integer" if isinstance(value, int) and abs(value) > 10**15 else repr(value)
 
 
 def parse_request(body: Any, chat: bool) -> GenerationRequest:

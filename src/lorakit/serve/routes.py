@@ -141,7 +141,7 @@ async def read_json(request: Request, limit: int) -> Any:
             raise ApiError(413, f"the request body is over {limit} bytes", code="body_too_large")
     try:
         return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer over Python's 4300 digits
         raise bad("body", f"the request body is not valid JSON ({error.msg if hasattr(error, 'msg') else error})") from None
 
 
