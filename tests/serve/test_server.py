@@ -79,10 +79,10 @@ def client(server):
     return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
 
 
-def post(server, path: str, body, key: str | None = KEY):
+def post(server, path: str, body, key: str | None = KEY, timeout: float = 60):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(server[0] + path, content=data, headers={**headers, "Content-Type": "application/json"}, timeout=60)
+    return httpx.post(server[0] + path, content=data, headers={**headers, "Content-Type": "application/json"}, timeout=timeout)
 
 
 def test_models_lists_the_base_and_adapters(client, adapter_root) -> None:
@@ -187,6 +187,39 @@ def test_load_and_unload_stay_inside_the_adapter_root(server, client, adapter_ro
     assert {m.id for m in client.models.list().data} == before  # a failed load leaves the served set unchanged
     assert post(server, "/v1/unload_lora_adapter", {"lora_name": "two"}).status_code == 200
     assert post(server, "/v1/unload_lora_adapter", {"lora_name": "two"}).status_code == 404
+
+
+@pytest.mark.parametrize("fifo", ["adapter_model.safetensors", "adapter_config.json"])
+def test_a_fifo_in_the_adapter_root_is_refused_at_once_and_serving_goes_on(server, client, adapter_root, fifo) -> None:
+    """Reading a FIFO waits for a writer: a load reaching it would hang its request (and, holding the
+    registry's lock, every other client's). It is a 400 naming the file within seconds instead."""
+    directory = adapter_root / f"fifo-{fifo.split('.')[0]}"
+    directory.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if name == fifo:
+            os.mkfifo(directory / name)
+        else:
+            (directory / name).write_bytes((adapter_root / "two" / name).read_bytes())
+    started = time.monotonic()
+    response = post(server, "/v1/load_lora_adapter", {"lora_name": directory.name, "lora_path": directory.name}, timeout=10)
+    assert time.monotonic() - started < 5
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "lora_path" and fifo in error["message"] and "not a regular file (a FIFO)" in error["message"]
+    answer = client.completions.create(model=BASE, prompt="The sky is", max_tokens=3, temperature=0, timeout=30)
+    assert answer.usage.completion_tokens == 3
+    assert directory.name not in {m.id for m in client.models.list().data}
+
+
+def test_an_adapter_file_linked_out_of_the_root_is_refused(server, adapter_root, tmp_path) -> None:
+    directory = adapter_root / "linked-file"
+    directory.mkdir()
+    (directory / "adapter_config.json").write_bytes((adapter_root / "two" / "adapter_config.json").read_bytes())
+    outside = tmp_path / "adapter_model.safetensors"
+    outside.write_bytes((adapter_root / "two" / "adapter_model.safetensors").read_bytes())
+    (directory / "adapter_model.safetensors").symlink_to(outside)
+    response = post(server, "/v1/load_lora_adapter", {"lora_name": "linked-file", "lora_path": "linked-file"}, timeout=10)
+    assert response.status_code == 403 and "adapter_model.safetensors" in response.json()["error"]["message"]
 
 
 def test_a_bad_request_does_not_disturb_the_others(server, client) -> None:

@@ -14,7 +14,7 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from lorakit.errors import LorakitError
 from lorakit.infer.registry import valid_adapter_name
 from lorakit.lora.routing import BASE, RowSpec
-from lorakit.serve.adapter_root import inside_root, require_root
+from lorakit.serve.adapter_root import inside_root, require_regular_files, require_root
 from lorakit.serve.protocol import ApiError, GenerationRequest, bad, new_id, parse_request
 from lorakit.serve.replies import Submitted, stream_events, whole_answer
 from lorakit.serve.state import ServerState, State
@@ -56,7 +56,9 @@ async def chat_completions(request: Request, state: State) -> Response:
 @router.post("/v1/load_lora_adapter")
 async def load_adapter(request: Request, state: State) -> Response:
     name, path = adapter_fields(await read_json(request, state.settings.max_body_bytes), need_path=True)
-    directory = inside_root(require_root(state.settings.adapter_root), path)
+    root = require_root(state.settings.adapter_root)
+    directory = inside_root(root, path)
+    require_regular_files(root, directory)  # a FIFO there would hold the load (and its thread) forever
     try:
         await asyncio.to_thread(state.engine.registry.load, name, directory)
     except LorakitError as error:
