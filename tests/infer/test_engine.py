@@ -235,3 +235,22 @@ def test_loading_the_first_adapters_into_a_compiled_engine_recompiles_nothing(tm
     with torch.compiler.set_stance("fail_on_recompile"):
         out = compiled.generate(["hello", "abc", "xyz"], ["x", "y", None], SamplingParams(max_tokens=6, ignore_eos=True))
     assert [o.completion_tokens for o in out] == [6, 6, 6]
+
+
+def test_a_failed_prefill_fails_its_requests_and_the_engine_serves_the_next(monkeypatch) -> None:
+    eng = engine(max_batch=2)
+    prefill = eng.decoder.prefill
+    calls = []
+
+    def broken_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("prefill broke")
+        return prefill(*args, **kwargs)
+
+    monkeypatch.setattr(eng.decoder, "prefill", broken_once)
+    first = eng.submit("hello there", "a", SamplingParams(max_tokens=4))
+    with pytest.raises(RuntimeError, match="prefill broke"):  # taken from the queue, not yet running: it must still finish
+        first.result(timeout=30)
+    assert eng.load == (0, 0)
+    assert eng.submit("hello there", "a", SamplingParams(max_tokens=4)).result(timeout=30).completion_tokens >= 1

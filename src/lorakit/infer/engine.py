@@ -160,6 +160,7 @@ class Engine:
         self.device = self.decoder.inner.embed_tokens.weight.device
         self._waiting: deque[_Row] = deque()
         self._running: list[_Row] = []  # row i lives in cache slot i
+        self._admitting: list[_Row] = []  # taken from the queue by the step in flight
         self._wake = threading.Condition()
         self._next_id = 0
         self._drive_lock = threading.Lock()  # one thread steps at a time
@@ -274,9 +275,11 @@ class Engine:
             with self.registry.lock:
                 self.step()
         except Exception as error:  # one bad step must not stop the engine: fail the rows it touched
-            for row in [*self._running]:
+            touched = self._running + [row for row in self._admitting if row not in self._running]
+            for row in touched:  # rows being admitted too: out of the queue, not yet running, never to finish
                 self._finish(row, error=error)
             self._running.clear()
+            self._admitting = []
 
     def step(self) -> None:
         """Admit waiting requests, then make one token for every running one."""
@@ -295,6 +298,13 @@ class Engine:
             self._retire(row, "cancelled")
 
     def _admit(self) -> None:
+        """Prefill the waiting requests that fit; a step that fails on the way fails them too."""
+        self._admitting = self._take_waiting()
+        if self._admitting:
+            self._prefill_new(self._admitting)
+        self._admitting = []
+
+    def _take_waiting(self) -> list[_Row]:
         new: list[_Row] = []
         longest = 0
         with self._wake:
@@ -303,8 +313,9 @@ class Engine:
                 if new and (longest * (len(new) + 1) > PREFILL_TOKENS or self.deterministic):  # rows x padded length
                     break
                 new.append(self._waiting.popleft())
-        if not new:
-            return
+        return new
+
+    def _prefill_new(self, new: list[_Row]) -> None:
         if self.deterministic:
             for row in new:
                 self._prefill([row])
