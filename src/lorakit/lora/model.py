@@ -14,7 +14,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
-from lorakit.lora import merge as merge_ops, weighted as arithmetic  # the add_weighted_adapter driver (weighted.py)
+from lorakit.lora import merge as merge_ops, weighted
 from lorakit.lora.inject import count_parameters, freeze_adapter, inject_adapter, mark_trainable, trainable_report
 from lorakit.lora.layer import LoraLinear, ModulesToSave, adapters_disabled
 from lorakit.lora.peft_format import load_adapter_weights, read_adapter_config, read_adapter_weights, save_adapter
@@ -187,8 +187,8 @@ class LoraModel(nn.Module):
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: str = "svd", **kwargs: Any) -> None:
-        """peft's add_weighted_adapter: a new adapter combining `adapters` (see lora/arithmetic.py)."""
-        arithmetic.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+        """peft's add_weighted_adapter: a new adapter combining `adapters` (lora/weighted.py; the math in lora/arithmetic.py)."""
+        weighted.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
         self._adapters_changed()
 
     def _remove_partial(self, adapter_name: str) -> None:

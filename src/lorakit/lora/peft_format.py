@@ -21,7 +21,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
-from lorakit.io import atomic_directory
+from lorakit.io import atomic_directory, file_kind
 from lorakit.lora.layer import LoraLinear, ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
@@ -167,10 +167,6 @@ def split_factors(tensors: Mapping[str, torch.Tensor], source: str | os.PathLike
     return {p: (h["lora_A"], h["lora_B"]) for p, h in halves.items()}, others
 
 
-_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-
-
 def _read_regular_file(path: Path, missing: str) -> bytes:
     """The bytes of `path`, which must be a regular file (a symlink to one is followed).
 
@@ -200,8 +196,7 @@ def _read_regular_file(path: Path, missing: str) -> bytes:
 
 
 def _not_regular(path: Path, mode: int) -> LorakitError:
-    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a plain file")
-    return LorakitError(f"{path} is not a regular file ({kind}); replace it with the file save_pretrained wrote")
+    return LorakitError(f"{path} is not a regular file ({file_kind(mode)}); replace it with the file save_pretrained wrote")
 
 
 def _one_line(err: Exception) -> str:

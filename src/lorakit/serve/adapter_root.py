@@ -6,12 +6,9 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+from lorakit.io import file_kind
 from lorakit.lora.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from lorakit.serve.protocol import ApiError, bad
-
-NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
-               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-
 
 def require_root(root: Path | None) -> Path:
     """Where clients may load adapters from; without --adapter-root the load / unload endpoints are off (404)."""
@@ -52,7 +49,7 @@ def require_regular(root: Path, path: Path) -> None:
     except OSError as error:
         raise bad("lora_path", f"{shown} in the adapter root cannot be read ({error.strerror}); make it readable by the server") from None
     if not stat.S_ISREG(mode):
-        raise bad("lora_path", f"{shown} in the adapter root is not a regular file ({kind_of(mode)}); replace it with the file "
+        raise bad("lora_path", f"{shown} in the adapter root is not a regular file ({file_kind(mode)}); replace it with the file "
                   "save_pretrained wrote")
 
 
@@ -66,7 +63,3 @@ def resolved_inside(root: Path, path: Path, shown: Path) -> Path:
         raise ApiError(403, f"{shown} links outside the adapter root {root}; copy the file into the adapter's directory",
                        "permission_error", "lora_path")
     return resolved
-
-
-def kind_of(mode: int) -> str:
-    return next((kind for test, kind in NOT_REGULAR if test(mode)), "not a plain file")
