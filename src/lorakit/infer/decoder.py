@@ -32,6 +32,13 @@ from lorakit.lora.routing import Routing, routed
 SMALL_ATTENTION = 192  # cached positions up to which one row's decode attention runs in fp32 (0.6-0.7 ms a step; a wash at 256)
 COMPILED_LAYERS = 5  # layers per compiled call: the whole default model in one graph ran no faster and took 4x as long to compile
 
+# Model families (config.model_type) whose layers this decoder computes as transformers does: greedy
+# tokens checked against transformers on tiny random models of each (tests/infer/test_decoder.py).
+# Other families run the same module names with other arithmetic (Gemma's extra norms and (1 + w)
+# scale, Granite's multipliers, Gemma 3's sliding layers, fused projections...): run here they would
+# answer wrong tokens without a warning, so they are refused.
+ENGINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+
 # transformers' RMSNorm classes that compute weight * (x_fp32 * rsqrt(mean(x^2) + eps)).to(dtype)
 _LLAMA_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 
@@ -82,7 +89,14 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torc
 
 
 def decoder_parts(model: nn.Module) -> nn.Module:
-    """The decoder stack (`model.model` of a LlamaForCausalLM), checked to have the Llama layout."""
+    """The decoder stack (`model.model` of a LlamaForCausalLM) of a family the engine knows, checked to
+    have the Llama layout."""
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    if family not in ENGINE_FAMILIES:
+        raise LorakitError(
+            f"the generation engine does not run the {family!r} family yet (it runs {', '.join(ENGINE_FAMILIES)}); "
+            "use transformers' generate for this model"
+        )
     inner = getattr(model, getattr(model, "base_model_prefix", "model"), None)
     layers = getattr(inner, "layers", None)
     if inner is None or layers is None or not hasattr(inner, "rotary_emb") or not hasattr(layers[0], "self_attn"):
@@ -184,6 +198,13 @@ class SlotDecoder:
         self._tracing = False  # warm_up is running: mark the sizes that vary on the graphs' inputs
 
     def allocate(self, slots: int, length: int) -> SlotCache:
+        """A cache of `slots` rows of up to `length` positions; refused past the model's sliding window,
+        since decode attends over every cached position."""
+        config = self.model.config
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        if window is not None and length > window:
+            raise LorakitError(f"this model attends over a sliding window of {window} positions and the engine over all of "
+                               f"them; set the context (max_len / --max-model-len) to at most {window}")
         weight = self.inner.embed_tokens.weight
         return SlotCache.allocate(len(self.inner.layers), slots, self.kv_heads, length, self.head_dim, weight.dtype, weight.device)
 
