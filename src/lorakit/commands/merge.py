@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from lorakit.lora.peft_format import read_adapter_config
 from lorakit.merge import merge_to_directory
 
 
@@ -21,10 +21,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def base_for(adapter: str, model: str | None) -> str:
+    """The base to merge into: --model, else the adapter's recorded base where it is a local model
+    directory, else the default model. A damaged adapter_config.json is a one-line error (peft_format)."""
     if model:
         return model
-    config = Path(adapter) / "adapter_config.json"
-    named = json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
+    named = read_adapter_config(adapter).base_model_name_or_path
     return named if named and (Path(named) / "config.json").is_file() else "default"
 
 
