@@ -254,3 +254,15 @@ def test_a_failed_prefill_fails_its_requests_and_the_engine_serves_the_next(monk
         first.result(timeout=30)
     assert eng.load == (0, 0)
     assert eng.submit("hello there", "a", SamplingParams(max_tokens=4)).result(timeout=30).completion_tokens >= 1
+
+
+def test_an_engine_takes_a_registry_and_from_model_builds_one() -> None:
+    from lorakit.infer.registry import AdapterRegistry
+
+    model = tiny_lora_model()
+    with pytest.raises(TypeError, match="use Engine.from_model"):
+        Engine(model, ToyTokenizer())
+    registry = AdapterRegistry(model, max_loaded=3)
+    assert Engine(registry, ToyTokenizer(), max_len=64).registry is registry
+    built = Engine.from_model(model, ToyTokenizer(), max_loras=2, max_len=64)
+    assert built.registry.max_loaded == 2 and built.registry.names() == ["a", "b", "c"]
