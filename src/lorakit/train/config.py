@@ -26,6 +26,7 @@ from lorakit.dtypes import DTYPES
 from lorakit.errors import ConfigError
 from lorakit.quant.config import QuantConfig
 from lorakit.train.optim import optimizer_problems
+from lorakit.train.tensorboard import report_to_problems
 
 TASK_TYPES = (TaskType.CAUSAL_LM.value, TaskType.SEQ_CLS.value)
 """Task types `lorakit train` can train: causal LM (generation) and sequence classification."""
@@ -98,6 +99,8 @@ class TrainSection:
     per_device_eval_batch_size: int = setting(4, "rows per eval batch")
     seed: int = setting(42, "seed for the adapter init, data order and dropout")
     resume_from_checkpoint: str = setting("", "a checkpoint directory, or 'latest' for the newest in output_dir")
+    report_to: str = setting("none", "none | tensorboard: also write metrics.jsonl's scalars as TensorBoard events in "
+                             "output_dir/runs (needs pip install tensorboard)")
     compare_base: bool = setting(True, "for the shipped task: score the base model and the adapter on held-out examples")
 
 
@@ -271,6 +274,7 @@ def validate(config: RunConfig) -> list[str]:
     if config.model.dtype not in DTYPES:
         found.append(f"model dtype must be one of {', '.join(DTYPES)} (got {config.model.dtype!r})")
     found += optimizer_problems(t.optim)
+    found += report_to_problems(t.report_to)
     return found
 
 

@@ -30,6 +30,7 @@ from lorakit.train.checkpoint import Progress, checkpoint_dir, latest_checkpoint
 from lorakit.train.config import TrainSection
 from lorakit.train.distributed import SINGLE_PROCESS, Replicas, plan_layout, resume_layout
 from lorakit.train.metrics import MetricsLog, plot_losses
+from lorakit.train.tensorboard import open_metrics
 from lorakit.train.optim import build_optimizer
 from lorakit.train.schedule import lr_at, warmup_steps_for
 from lorakit.lora.model import unwrap_model
@@ -174,7 +175,7 @@ def train(
     data_cfg = replace(cfg, per_device_train_batch_size=layout.micro_batch_rows)  # global micro-batches
     steps = total_steps(len(train_rows), data_cfg)
     state = TrainState(progress, steps, warmup_steps_for(steps, cfg.warmup_steps, cfg.warmup_ratio), resumed_from)
-    metrics = MetricsLog(output_dir, resume_step=progress.step if resumed_from else None) if main else _NoMetrics()
+    metrics = open_metrics(output_dir, cfg.report_to, progress.step if resumed_from else None) if main else _NoMetrics()
     hf_model = unwrap_model(model)
     if cfg.gradient_checkpointing or any(getattr(m, "gradient_checkpointing", False) is True for m in hf_model.modules()):
         enable_checkpointing(hf_model, checkpoint_kwargs(hf_model, objective.packed_rows))
