@@ -12,7 +12,7 @@ from lorakit.errors import ConfigError
 BIAS_MODES = ("none", "all", "lora_only")
 UNSUPPORTED_PEFT_KEYS = (
     "use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "layers_to_transform", "layer_replication",
-    "target_parameters", "trainable_token_indices",
+    "trainable_token_indices",
 )
 
 
@@ -51,6 +51,9 @@ class LoraConfig:
         None, "layer names or dotted suffixes (a list), a regex full-matched against the module path (a string), "
         "or 'all-linear' (every linear layer except the output head)")
     exclude_modules: list[str] | str | None = setting(None, "modules never adapted, matched like target_modules")
+    target_parameters: list[str] | None = setting(
+        None, "parameters adapted directly, as 'module.param' paths or dotted suffixes: fused 3-D MoE experts such as "
+        "'experts.gate_up_proj', 'experts.down_proj' (one rank-r pair per expert; needs lora_dropout 0)")
     lora_dropout: float = setting(0.0, "dropout on the LoRA path's input only")
     bias: str = setting("none", "none | all | lora_only: which biases train (lora_only: those of adapted layers)")
     modules_to_save: list[str] | None = setting(None, "modules trained in full and saved with the adapter (e.g. a classifier head)")
@@ -62,9 +65,11 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         # peft accepts sets (and stores them as lists); so does lorakit.
-        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "target_parameters"):
             if isinstance(getattr(self, name), (set, tuple)):
                 setattr(self, name, sorted(getattr(self, name)))
+        if isinstance(self.target_parameters, str):  # `--target_parameters experts.down_proj`: one name
+            self.target_parameters = [self.target_parameters]
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
         self.validate()
@@ -88,7 +93,19 @@ class LoraConfig:
                 isinstance(value, list) and all(isinstance(v, str) for v in value)
             ):
                 found.append(f"{name} must be a list of module names or a regex string (got {value!r})")
+        found += self._parameter_problems()
         return found
+
+    def _parameter_problems(self) -> list[str]:
+        """target_parameters: names, and no dropout (x cannot be factored out of a parameter; peft refuses it too)."""
+        value = self.target_parameters
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            return [f"target_parameters must be a list of parameter names like ['experts.gate_up_proj'] (got {value!r})"]
+        if self.lora_dropout:
+            return [f"lora_dropout must be 0 with target_parameters (got {self.lora_dropout!r}); set lora_dropout 0"]
+        return []
 
     def validate(self) -> None:
         found = self.problems()
@@ -120,6 +137,7 @@ class LoraConfig:
             "rank_pattern": {},
             "revision": None,
             "target_modules": targets,
+            "target_parameters": sorted(set(self.target_parameters)) if self.target_parameters else None,
             "task_type": self.task_type,
             "use_dora": False,
             "use_rslora": self.use_rslora,

@@ -7,6 +7,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig, replace
 from lorakit.errors import ConfigError
+from lorakit.lora import expert
 from lorakit.lora.base_layer import parameter_count
 from lorakit.lora.layer import LoraLinear, ModulesToSave
 from lorakit.lora.targets import ALL_LINEAR, find_targets, inside_lora_layer, is_linear_like, name_matches, resolve_all_linear
@@ -28,18 +29,22 @@ def inject_adapter(
         ConfigError: the targets or modules_to_save do not fit the model; the model is then left unchanged.
     """
     if config.target_modules == ALL_LINEAR:
-        config = replace(config, target_modules=resolve_all_linear(model))
+        config = expert.with_all_linear_parameters(model, replace(config, target_modules=resolve_all_linear(model)))
     # Every check runs before the first module is replaced, so a bad config never half-wraps the model.
     save_paths = _modules_to_save_paths(model, config)
     # peft never puts LoRA inside a module trained in full (a classifier head with its own linears)
-    paths = [p for p in find_targets(model, config) if not any(p == s or p.startswith(s + ".") for s in save_paths)]
+    targets = find_targets(model, config) if config.target_modules or not config.target_parameters else []
+    paths = [p for p in targets if not any(p == s or p.startswith(s + ".") for s in save_paths)]
     _check_adaptable(model, paths)
+    parameters = expert.parameter_targets(model, config.target_parameters) if config.target_parameters else []
+    expert.check_parameter_targets(model, config, parameters, paths)
     for path in paths:
         module = model.get_submodule(path)
         if not isinstance(module, LoraLinear):
             module = LoraLinear(module)
             _set_child(model, path, module)
         module.add_adapter(adapter_name, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, adapter_dtype)
+    expert.inject_parameters(model, config, parameters, adapter_name, adapter_dtype=adapter_dtype)
     for path in save_paths:
         module = model.get_submodule(path)
         if not isinstance(module, ModulesToSave):
@@ -81,6 +86,7 @@ def mark_trainable(model: nn.Module, adapter_name: str, bias: str) -> None:
                 module.base_layer.bias.requires_grad_(True)
         elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
             module.modules_to_save[adapter_name].requires_grad_(True)
+    expert.set_trainable(model, adapter_name, True)
     if bias == "all":
         for name, param in model.named_parameters():
             if name.endswith("bias") and param.is_floating_point():
@@ -95,6 +101,7 @@ def freeze_adapter(model: nn.Module, adapter_name: str) -> None:
             module.lora_B[adapter_name].requires_grad_(False)
         elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
             module.modules_to_save[adapter_name].requires_grad_(False)
+    expert.set_trainable(model, adapter_name, False)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

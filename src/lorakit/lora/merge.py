@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.lora import expert
 from lorakit.lora.inject import _set_child
 from lorakit.lora.layer import LoraLinear, ModulesToSave
 from lorakit.weights.dequant import dense_weight
@@ -47,6 +48,7 @@ def check_finite_merge(model: nn.Module, adapter_names: list[str] | None = None)
     Raises:
         LorakitError: folding the active (or named) adapters into some layer gives NaN or inf weights.
     """
+    expert.check_finite(model, adapter_names)
     for path, layer in model.named_modules():
         if not isinstance(layer, LoraLinear):
             continue
@@ -60,6 +62,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: 
     """Merge the active (or named) adapters into `model` in place and remove every LoRA wrapper."""
     if safe_merge:
         check_finite_merge(model, adapter_names)
+    expert.unwrap_parameters(model, merge=True, adapter_names=adapter_names, dtype=dtype)
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLinear):
             names = adapter_names if adapter_names is not None else module.active_adapters
@@ -72,6 +75,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: 
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter without merging: the original model comes back."""
+    expert.unwrap_parameters(model, merge=False)
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLinear):
             module.unmerge()

@@ -16,6 +16,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.lora import merge as merge_ops, weighted
 from lorakit.lora.inject import count_parameters, freeze_adapter, inject_adapter, mark_trainable, trainable_report
+from lorakit.lora.expert import ParamLora, drop_empty, params_disabled
 from lorakit.lora.layer import LoraLinear, ModulesToSave, adapters_disabled
 from lorakit.lora.peft_format import load_adapter_weights, read_adapter_config, read_adapter_weights, save_adapter
 from lorakit.lora.routing import BASE, RowSpec, SlotTable, build_routing, require_known, routed
@@ -101,7 +102,7 @@ class LoraModel(nn.Module):
         for name in names:
             if name not in slot_of:
                 slot_of[name] = next(free)
-        width = max((self.peft_config[n].r for n in names), default=1)
+        width = max((self.peft_config[n].max_rank for n in names), default=1)
         self.__dict__["_lora_params"] = [p for n, p in self.model.named_parameters() if "lora_" in n]
         weights_version = sum(map(_VERSION, self.__dict__["_lora_params"]))
         self.__dict__["_slot_table"] = SlotTable(slot_of, epoch, width, weights_version)
@@ -129,7 +130,7 @@ class LoraModel(nn.Module):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         require_known(names, self.peft_config)
         for module in self.model.modules():
-            if isinstance(module, (LoraLinear, ModulesToSave)):
+            if isinstance(module, (LoraLinear, ParamLora, ModulesToSave)):
                 module.set_active(names)
         self.active_adapter = names[0]
         # The base is frozen in inference mode too: peft's report after from_pretrained counts 0 trainable
@@ -145,14 +146,14 @@ class LoraModel(nn.Module):
     @property
     def active_adapters(self) -> list[str]:
         for module in self.model.modules():
-            if isinstance(module, LoraLinear):
+            if isinstance(module, (LoraLinear, ParamLora)):
                 return list(module.active_adapters)
         return [self.active_adapter]
 
     def delete_adapter(self, adapter_name: str) -> None:
         require_known([adapter_name], self.peft_config)
         for module in self.model.modules():
-            if isinstance(module, (LoraLinear, ModulesToSave)) and (adapter_name in getattr(module, "lora_A", {}) or adapter_name in getattr(module, "modules_to_save", {})):
+            if isinstance(module, (LoraLinear, ParamLora, ModulesToSave)) and (adapter_name in getattr(module, "lora_A", {}) or adapter_name in getattr(module, "modules_to_save", {})):
                 module.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
         self._adapters_changed()
@@ -188,16 +189,20 @@ class LoraModel(nn.Module):
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: str = "svd", **kwargs: Any) -> None:
         """peft's add_weighted_adapter: a new adapter combining `adapters` (lora/weighted.py; the math in lora/arithmetic.py)."""
+        with_parameters = [a for a in adapters if a in self.peft_config and self.peft_config[a].target_parameters]
+        if with_parameters:
+            raise LorakitError(f"adapter {with_parameters[0]!r} adapts target_parameters, which add_weighted_adapter does not combine yet")
         weighted.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
         self._adapters_changed()
 
     def _remove_partial(self, adapter_name: str) -> None:
         self.peft_config.pop(adapter_name, None)
         for module in self.model.modules():
-            if isinstance(module, LoraLinear) and adapter_name in module.lora_A:
+            if isinstance(module, (LoraLinear, ParamLora)) and adapter_name in module.lora_A:
                 module.delete_adapter(adapter_name)
             elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
                 module.delete_adapter(adapter_name)
+        drop_empty(self.model)
         for path, module in list(self.model.named_modules()):
             if isinstance(module, LoraLinear) and not module.lora_A:
                 merge_ops._set_child(self.model, path, module.base_layer)
@@ -222,11 +227,14 @@ class LoraModel(nn.Module):
         return wrapper
 
     # --- saving --------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, **_: Any) -> None:
-        """Write each adapter in peft's layout: the default one at the top, others in sub-directories."""
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
+                        path_initial_model_for_weight_conversion: str | os.PathLike | None = None, **_: Any) -> None:
+        """Write each adapter in peft's layout: the default one at the top, others in sub-directories.
+        `path_initial_model_for_weight_conversion` (peft's name): a PiSSA / OLoRA adapter as saved before
+        training, to write the adapter as plain LoRA for the original base (lora/conversion.py)."""
         for name in selected_adapters or list(self.peft_config):
             target = Path(save_directory) if name == "default" else Path(save_directory) / name
-            save_adapter(self.model, self.peft_config[name], target, name)
+            save_adapter(self.model, self.peft_config[name], target, name, path_initial_model_for_weight_conversion)
 
     # --- reports, merging, disabling -----------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -237,19 +245,19 @@ class LoraModel(nn.Module):
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        with adapters_disabled(self.model):
+        with adapters_disabled(self.model), params_disabled(self.model):
             yield
 
     def merge_adapter(self, safe_merge: bool = False) -> None:
         if safe_merge:
             merge_ops.check_finite_merge(self.model)
         for module in self.model.modules():
-            if isinstance(module, LoraLinear):
+            if isinstance(module, (LoraLinear, ParamLora)):
                 module.merge(safe=safe_merge)
 
     def unmerge_adapter(self) -> None:
         for module in self.model.modules():
-            if isinstance(module, LoraLinear):
+            if isinstance(module, (LoraLinear, ParamLora)):
                 module.unmerge()
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None, dtype: torch.dtype | None = None) -> nn.Module:

@@ -22,6 +22,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_directory, file_kind
+from lorakit.lora.expert import ParamLora
 from lorakit.lora.layer import LoraLinear, ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
@@ -39,6 +40,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str) -> dict[s
             state[f"{path}.lora_B.weight"] = module.lora_B[adapter_name].weight
             if bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
                 state[f"{path}.base_layer.bias"] = module.base_layer.bias
+        elif isinstance(module, ParamLora) and adapter_name in module.lora_A:  # peft's ParamWrapper keys
+            state[f"{path}.lora_A.weight"] = module.lora_A[adapter_name].weight
+            state[f"{path}.lora_B.weight"] = module.lora_B[adapter_name].weight
         elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
             for key, value in module.modules_to_save[adapter_name].state_dict().items():
                 state[f"{path}.{key}"] = value

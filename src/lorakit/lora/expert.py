@@ -1,0 +1,444 @@
+"""`ParamLora`: LoRA on one `nn.Parameter` of a module (peft's `target_parameters`, its ParamWrapper).
+
+What it is for: MoE experts that transformers stores as fused 3-D parameters (Mixtral's and Qwen3-MoE's
+`experts.gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I); gpt-oss's (E, H, 2I) and (E, I, H),
+`is_transposed`), and 2-D ones such as a router's `gate.weight`. Each expert e gets its own rank-r pair,
+stored as peft stores them so the files are peft's:
+
+    lora_A: (r * E, in)  rows e * r + k          -> A_e = lora_A.view(E, r, in)
+    lora_B: (out, r * E) columns k * E + e       -> B_e = lora_B.view(out, r, E)[:, :, e]
+    delta_e = scaling * B_e A_e, laid out as the parameter stores expert e ((out, in), or (in, out) when
+    transposed)
+
+The module's own forward runs on W + delta (peft folds the same way), so any experts implementation
+transformers picks (eager, grouped_mm, batched_mm) sees adapted weights. Several parameters of one module
+nest, the first registered innermost (`experts.base_layer` holds gate_up_proj's factors, `experts` down_proj's),
+exactly peft's state-dict keys. No dropout: x cannot be factored out of a parameter (peft refuses it too).
+
+Mixed batches: under a Routing (lora/routing.routed) the module's tokens are grouped by their row's
+adapter mix and the module runs once per distinct mix on that group's tokens only, with W + sum_j w_j delta_j;
+"__base__" rows run on W. The experts see flattened tokens (B * T, C), so row b owns tokens b*T .. b*T+T-1.
+Cost per layer and step: one fold of the stack (E * in * out * r multiply-adds) per distinct mix, as peft pays
+per forward; no copy of the weights is kept between steps.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from lorakit.config import LoraConfig
+from lorakit.errors import ConfigError, LorakitError
+from lorakit.lora.routing import Routing, current_routing
+
+LORA_PARTS = ("lora_A", "lora_B", "lora_dropout", "modules_to_save", "original_module")
+
+
+class ParamLora(nn.Module):
+    """One parameter of `base_layer` (a module, or another ParamLora around it) with named adapters."""
+
+    def __init__(self, base_layer: nn.Module, parameter_name: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.parameter_name = parameter_name
+        shape = self.parameter().shape
+        if len(shape) not in (2, 3):
+            raise ConfigError([f"target_parameters {parameter_name!r} is {len(shape)}-D; lorakit (like peft) adapts 2-D and 3-D parameters"], "LoraConfig")
+        # peft's reading of the layout: a 3-D stack is (E, out, in) unless the module says `is_transposed`
+        self.transposed = len(shape) == 3 and bool(getattr(self.real_module, "is_transposed", False))
+        self.num_experts = shape[0] if len(shape) == 3 else 1
+        self.out_features, self.in_features = (shape[-1], shape[-2]) if self.transposed else (shape[-2], shape[-1])
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes of the wrapped module (`num_experts`, `act_fn`, ...) read through, as peft's do."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["base_layer"], name)
+
+    @property
+    def real_module(self) -> nn.Module:
+        """The module that owns the parameter, under every nested ParamLora."""
+        module = self.base_layer
+        while isinstance(module, ParamLora):
+            module = module.base_layer
+        return module
+
+    def parameter(self) -> torch.Tensor:
+        return self.real_module._parameters[self.parameter_name]
+
+    # --- adapters -----------------------------------------------------------------------------
+    def add_adapter(self, name: str, r: int, lora_alpha: float, use_rslora: bool = False, dtype: torch.dtype | None = None) -> None:
+        device = self.parameter().device
+        experts = self.num_experts
+        self.lora_A[name] = nn.Linear(self.in_features, r * experts, bias=False, device=device, dtype=dtype or torch.float32)
+        self.lora_B[name] = nn.Linear(r * experts, self.out_features, bias=False, device=device, dtype=dtype or torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
+        self.r[name] = r
+        self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        if not self.active_adapters:
+            self.active_adapters = [name]
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge()
+        del self.lora_A[name], self.lora_B[name], self.r[name], self.scaling[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_active(self, names: list[str]) -> None:
+        if self.merged_adapters and set(names) != set(self.merged_adapters):
+            self.unmerge()
+        self.active_adapters = list(names)
+
+    # --- the delta ----------------------------------------------------------------------------
+    def factors(self, name: str, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lhs, rhs), batched by expert, with weight * scaling * lhs @ rhs = the delta in the parameter's
+        layout: (E, out, r) @ (E, r, in), or (E, in, r) @ (E, r, out) when transposed (E = 1 for 2-D)."""
+        experts, r = self.num_experts, self.r[name]
+        a = self.lora_A[name].weight.view(experts, r, self.in_features)  # (E, r, in)
+        b = self.lora_B[name].weight.view(self.out_features, r, experts).permute(2, 0, 1)  # (E, out, r)
+        b = b * (weight * self.scaling[name])
+        return (a.transpose(1, 2), b.transpose(1, 2)) if self.transposed else (b, a)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling * B A per expert in fp32, shaped like the parameter. Every merge path uses this."""
+        lhs, rhs = self.factors(name)
+        delta = torch.bmm(lhs.float(), rhs.float())
+        return delta.view(self.parameter().shape)
+
+    def adapted(self, mix: dict[str, float]) -> torch.Tensor | None:
+        """The parameter with `mix` ({adapter: weight}) added, in its dtype: one baddbmm over the adapters'
+        factors side by side; None when no adapter of the mix is here (the parameter applies as it is)."""
+        names = [n for n in mix if n in self.lora_A and n not in self.merged_adapters]
+        if not names:
+            return None
+        param = self.parameter()
+        pairs = [self.factors(n, mix[n]) for n in names]
+        lhs = torch.cat([p[0] for p in pairs], dim=2).to(param.dtype)
+        rhs = torch.cat([p[1] for p in pairs], dim=1).to(param.dtype)
+        stack = param.view(self.num_experts, *param.shape[-2:])
+        with torch.autocast(param.device.type, enabled=False):  # the result must keep the parameter's dtype
+            return torch.baddbmm(stack, lhs, rhs).view(param.shape)
+
+    # --- merging ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None, safe: bool = False) -> None:
+        names = [n for n in (names or self.active_adapters) if n in self.lora_A and n not in self.merged_adapters]
+        if not names:
+            return
+        param = self.parameter()
+        merged = param.float() + sum(self.delta_weight(n) for n in names)
+        if safe and not torch.isfinite(merged).all():
+            raise LorakitError(f"merging adapters {names} into {self.parameter_name} gives NaN or inf weights; the adapter is broken, retrain it")
+        param.copy_(merged.to(param.dtype))
+        self.merged_adapters.extend(names)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        param = self.parameter()
+        if self.merged_adapters:
+            param.copy_((param.float() - sum(self.delta_weight(n) for n in self.merged_adapters)).to(param.dtype))
+        self.merged_adapters = []
+
+    # --- forward ------------------------------------------------------------------------------
+    def chain(self) -> list[ParamLora]:
+        """This wrapper and the ParamLora layers nested under it, outermost first."""
+        layers, module = [], self
+        while isinstance(module, ParamLora):
+            layers.append(module)
+            module = module.base_layer
+        return layers
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' call of the outermost wrapper: the real module's forward on adapted parameters."""
+        routing = current_routing()
+        chain = self.chain()
+        if routing is None or routing.base_only:
+            mix = None if routing is None else {}
+            return self._call(chain, mix, args, kwargs)
+        if any(layer.merged_adapters for layer in chain):
+            raise LorakitError("per-row adapters cannot run while adapters are merged into the weights; call unmerge_adapter() first")
+        return _grouped_call(self, chain, routing, args, kwargs)
+
+    def _call(self, chain: list[ParamLora], mix: dict[str, float] | None, args: tuple, kwargs: dict) -> Any:
+        """The real module on its parameters plus `mix` (None: each layer's active adapters)."""
+        swapped = {}
+        for layer in chain:
+            if layer.disabled:
+                continue
+            weight = layer.adapted(mix if mix is not None else dict.fromkeys(layer.active_adapters, 1.0))
+            if weight is not None:
+                swapped[layer.parameter_name] = weight
+        module = self.real_module
+        if not swapped:
+            return module(*args, **kwargs)
+        return functional_call(module, swapped, args, kwargs, strict=False)
+
+    def extra_repr(self) -> str:
+        return (f"parameter={self.parameter_name}, experts={self.num_experts}, in={self.in_features}, out={self.out_features}, "
+                f"adapters={list(self.lora_A)}, active={self.active_adapters}")
+
+
+def _row_groups(routing: Routing) -> dict[tuple, list[int]]:
+    """Rows by adapter mix: {((name, weight), ...): [rows]}; built once per routing (every layer shares it)."""
+    cached = routing._scales.get("param_lora_groups")  # the routing's per-pass cache (lora/routing.py)
+    if cached is not None:
+        return cached
+    name_of = {slot: name for name, slot in routing.table.slot_of.items()}
+    groups: dict[tuple, list[int]] = {}
+    slots, weights = routing.slots.T.tolist(), routing.weights.T.tolist()
+    for row, (row_slots, row_weights) in enumerate(zip(slots, weights)):
+        mix = tuple(sorted((name_of[s], w) for s, w in zip(row_slots, row_weights) if s))
+        groups.setdefault(mix, []).append(row)
+    routing._scales["param_lora_groups"] = groups
+    return groups
+
+
+def _grouped_call(layer: ParamLora, chain: list[ParamLora], routing: Routing, args: tuple, kwargs: dict) -> Any:
+    """Run the module once per distinct adapter mix, on the tokens of the rows that use it."""
+    if not args or not isinstance(args[0], torch.Tensor):
+        raise LorakitError(f"{type(layer.real_module).__name__} takes no tensor first argument; per-row adapters cannot group its tokens")
+    tokens = args[0].shape[0]
+    groups = _row_groups(routing)
+    if tokens % routing.rows:
+        raise LorakitError(f"adapter routing has {routing.rows} rows but {type(layer.real_module).__name__} got {tokens} tokens; pass one adapter name per row")
+    if len(groups) == 1:
+        return layer._call(chain, dict(next(iter(groups))), args, kwargs)
+    steps = tokens // routing.rows  # row b owns tokens b * steps .. b * steps + steps - 1
+    device = args[0].device
+    outputs = None
+    for mix, rows in groups.items():
+        index = (torch.tensor(rows, device=device)[:, None] * steps + torch.arange(steps, device=device)).flatten()
+        part = layer._call(chain, dict(mix), _take(args, index, tokens), {k: _take_one(v, index, tokens) for k, v in kwargs.items()})
+        outputs = _scatter(outputs, part, index, tokens)
+    return outputs
+
+
+def _take_one(value: Any, index: torch.Tensor, tokens: int) -> Any:
+    return value[index] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == tokens else value
+
+
+def _take(values: tuple, index: torch.Tensor, tokens: int) -> tuple:
+    return tuple(_take_one(v, index, tokens) for v in values)
+
+
+def _scatter(outputs: Any, part: Any, index: torch.Tensor, tokens: int) -> Any:
+    """Write a group's output(s) into the whole batch's, allocated on the first group."""
+    if isinstance(part, tuple):
+        return tuple(_scatter(None if outputs is None else o, p, index, tokens) for o, p in zip(outputs or (None,) * len(part), part))
+    if not isinstance(part, torch.Tensor) or not part.dim():
+        raise LorakitError("a module with adapted parameters returned something that is not per-token tensors; per-row adapters cannot run through it")
+    if outputs is None:
+        outputs = part.new_empty((tokens, *part.shape[1:]))
+    outputs[index] = part
+    return outputs
+
+
+# --- finding and injecting --------------------------------------------------------------------------
+def _unwrapped(name: str) -> str:
+    """A module path with ParamLora's `.base_layer` hops removed (the path users and peft name)."""
+    return ".".join(p for p in name.split(".") if p != "base_layer")
+
+
+def parameter_targets(model: nn.Module, targets: list[str]) -> list[tuple[str, str]]:
+    """(module path, parameter name) of every parameter `targets` names (an exact `path.param` or a dotted
+    suffix, peft's rule), in the model's order: a module's parameters in registration order, so nesting
+    matches peft's.
+
+    Raises:
+        ConfigError: a target matches no parameter.
+    """
+    found: list[tuple[str, str]] = []
+    hit: set[str] = set()
+    for name, module in model.named_modules():
+        if not name or isinstance(module, ParamLora) or any(p in LORA_PARTS for p in name.split(".")):
+            continue
+        path = _unwrapped(name)
+        for param_name, _ in module.named_parameters(recurse=False):
+            key = f"{path}.{param_name}"
+            matched = [t for t in targets if key == t or key.endswith(f".{t}")]
+            if matched:
+                found.append((path, param_name))
+                hit.update(matched)
+    missing = [t for t in targets if t not in hit]
+    if missing:
+        stacks = sorted({n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.dim() == 3 and "lora_" not in n})
+        hint = f"3-D parameters in this model: {', '.join(stacks)}" if stacks else "this model has no 3-D (expert) parameters"
+        raise ConfigError([f"target_parameters {missing[0]!r} match no parameter of the model ({hint})"], "LoraConfig")
+    return found
+
+
+def check_parameter_targets(model: nn.Module, config: LoraConfig, found: list[tuple[str, str]], module_paths: list[str]) -> None:
+    """Everything that would make injecting these parameters fail, checked before anything changes."""
+    problems = []
+    if config.lora_dropout:
+        problems.append(f"lora_dropout must be 0 with target_parameters (got {config.lora_dropout}); dropout cannot act inside a parameter")
+    clash = sorted({p for p, _ in found if p in module_paths or type(model.get_submodule(p)).__name__ == "LoraLinear"})
+    if clash:
+        problems.append(f"{clash[0]} is targeted by target_modules and its parameter by target_parameters; target it one way")
+    for path, param_name in found:
+        module = model.get_submodule(path)
+        dims = (module.real_module if isinstance(module, ParamLora) else module)._parameters[param_name].dim()
+        if dims not in (2, 3):
+            problems.append(f"target_parameters {path}.{param_name} is {dims}-D; only 2-D and 3-D parameters can be adapted")
+    if problems:
+        raise ConfigError(problems, "LoraConfig")
+
+
+def inject_parameters(model: nn.Module, config: LoraConfig, found: list[tuple[str, str]], adapter_name: str,
+                      rank_alpha: Callable[[str], tuple[int, float]] | None = None, adapter_dtype: torch.dtype | None = None) -> None:
+    """Wrap each (module path, parameter) in a ParamLora (reusing one already there) and add the adapter.
+    `rank_alpha(key)` gives the (r, lora_alpha) of `path.param` (rank_pattern / alpha_pattern; default r, lora_alpha)."""
+    from lorakit.lora.inject import _set_child  # one way to replace a child module
+
+    for path, param_name in found:
+        module = model.get_submodule(path)
+        layer = next((w for w in (module.chain() if isinstance(module, ParamLora) else []) if w.parameter_name == param_name), None)
+        if layer is None:
+            layer = ParamLora(module, param_name)
+            _set_child(model, path, layer)
+        r, alpha = rank_alpha(f"{path}.{param_name}") if rank_alpha else (config.r, config.lora_alpha)
+        layer.add_adapter(adapter_name, r, alpha, config.use_rslora, adapter_dtype)
+
+
+def param_layers(model: nn.Module) -> list[ParamLora]:
+    """Every ParamLora of the model, nested ones included."""
+    return [m for m in model.modules() if isinstance(m, ParamLora)]
+
+
+@contextmanager
+def params_disabled(model: nn.Module) -> Iterator[None]:
+    """The base parameters only inside the block (merged adapters unmerged on entry, merged back on exit)."""
+    layers = param_layers(model)
+    before = [m.disabled for m in layers]
+    merged = {m: list(m.merged_adapters) for m in layers if m.merged_adapters}
+    for m in merged:
+        m.unmerge()
+    for m in layers:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m, was in zip(layers, before):
+            m.disabled = was
+        for m, names in merged.items():
+            m.merge(names)
+
+
+# --- merge_and_unload / unload ----------------------------------------------------------------------
+def check_finite(model: nn.Module, adapter_names: list[str] | None) -> None:
+    for layer in param_layers(model):
+        names = [n for n in (adapter_names if adapter_names is not None else layer.active_adapters) if n in layer.lora_A and n not in layer.merged_adapters]
+        if names and not torch.isfinite(layer.parameter().float() + sum(layer.delta_weight(n) for n in names)).all():
+            raise LorakitError(f"merging adapters {names} into {layer.parameter_name} gives NaN or inf weights; the adapter is broken, retrain it")
+
+
+@torch.no_grad()
+def unwrap_parameters(model: nn.Module, merge: bool, adapter_names: list[str] | None = None, dtype: torch.dtype | None = None) -> None:
+    """Replace every ParamLora by the module it wraps; with `merge`, fold the active (or named) adapters
+    into the parameters first (in fp32, stored in `dtype` or the parameter's own)."""
+    from lorakit.lora.inject import _set_child
+
+    for path, top in [(p, m) for p, m in model.named_modules() if isinstance(m, ParamLora) and not _inside_param_lora(model, p)]:
+        real = top.real_module
+        for layer in top.chain():
+            param = layer.parameter()
+            if merge:
+                layer.merge([n for n in (adapter_names if adapter_names is not None else layer.active_adapters) if n in layer.lora_A])
+            else:
+                layer.unmerge()
+            if dtype is not None and merge:
+                param.data = param.data.to(dtype)
+        _set_child(model, path, real)
+
+
+def _inside_param_lora(model: nn.Module, path: str) -> bool:
+    parent = path.rpartition(".")[0]
+    return bool(path) and path.endswith("base_layer") and isinstance(model.get_submodule(parent) if parent else model, ParamLora)
+
+
+def set_trainable(model: nn.Module, adapter_name: str, trainable: bool) -> None:
+    """requires_grad of the adapter's factors in every ParamLora (mark_trainable / freeze_adapter)."""
+    for layer in param_layers(model):
+        if adapter_name in layer.lora_A:
+            layer.lora_A[adapter_name].requires_grad_(trainable)
+            layer.lora_B[adapter_name].requires_grad_(trainable)
+
+
+# --- "all-linear" on MoE families, as peft resolves it -------------------------------------------
+# transformers 5 fused these families' expert linears into 3-D parameters and their router into a module
+# that is no nn.Linear; peft keeps "all-linear" meaning what it meant on transformers 4 (every expert's
+# w1 / w3 / w2 and the router) by mapping those old names onto the new parameters, and doubles rank and
+# alpha of the fused gate_up_proj (two rank-r adapters side by side). lorakit does the same, so an
+# "all-linear" adapter is the same adapter whichever library trained it.
+_V4_EXPERT_NAMES = {
+    "mixtral": {"gate": "gate.weight", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
+    "qwen2_moe": {"gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"},
+}
+_FUSED = "gate_up_proj"
+
+
+def _conversion_family(model: nn.Module) -> str | None:
+    """The transformers 4 -> 5 conversion family of the model ("mixtral", "qwen2_moe") or None."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
+        return None
+    try:
+        from transformers import conversion_mapping
+    except ImportError:
+        return None
+    patterns = {**getattr(conversion_mapping, "_MODEL_TO_CONVERSION_PATTERN", {}), "mixtral": "mixtral"}
+    family = patterns.get(model_type)
+    if family not in _V4_EXPERT_NAMES or conversion_mapping.get_checkpoint_conversion_mapping(model_type) is None:
+        return None
+    return family
+
+
+def with_all_linear_parameters(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """`config` with "all-linear" already expanded to leaf names; on a fused-MoE family, its expert and router
+    names moved to target_parameters and the fused projection's rank and alpha doubled, as peft does."""
+    from dataclasses import replace
+
+    family = _conversion_family(model)
+    if family is None:
+        return config
+    old_names = _V4_EXPERT_NAMES[family]
+    parameters = set(config.target_parameters or [])
+    modules = []
+    for target in list(config.target_modules) + list(old_names):
+        old = next((o for o in old_names if target == o or target.endswith(f".{o}")), None)
+        if old is None:
+            modules.append(target)
+        else:
+            parameters.add(old_names[old])
+    pattern = rf".*\.{_FUSED}"
+    return replace(config, target_modules=sorted(set(modules)), target_parameters=sorted(parameters),
+                   rank_pattern={**config.rank_pattern, pattern: 2 * config.r},
+                   alpha_pattern={**config.alpha_pattern, pattern: 2 * config.lora_alpha})
+
+
+def drop_empty(model: nn.Module) -> None:
+    """Take out every ParamLora left without adapters (a failed load), keeping the others nested in order."""
+    from lorakit.lora.inject import _set_child
+
+    for path, top in [(p, m) for p, m in model.named_modules() if isinstance(m, ParamLora) and not _inside_param_lora(model, p)]:
+        module: nn.Module = top.real_module
+        for layer in reversed(top.chain()):  # innermost first
+            if layer.lora_A:
+                layer.base_layer = module
+                module = layer
+        if module is not top:
+            _set_child(model, path, module)
