@@ -20,6 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="an adapter to serve (repeatable; pinned)")
     parser.add_argument("--adapter-root", default=None,
                         help="directory clients may load adapters from (POST /v1/load_lora_adapter); off when not given")
+    parser.add_argument("--runs-root", default=None,
+                        help="directory of training output dirs the web page at / may show loss curves of; off when not given")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
@@ -78,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.adapter_root) if args.adapter_root else None
     if root is not None and not root.is_dir():
         raise LorakitError(f"--adapter-root {root} is not a directory")
+    runs_root = Path(args.runs_root) if args.runs_root else None
+    if runs_root is not None and not runs_root.is_dir():
+        raise LorakitError(f"--runs-root {runs_root} is not a directory")
     adapters = parse_adapter_specs(args.adapter, NAMED)
     model_dir = resolve_model_dir(args.model)
     name = args.served_model_name or model_dir.name
@@ -93,10 +98,10 @@ def run(args: argparse.Namespace) -> int:
 
         torch.compiler.set_stance("eager_on_recompile")  # process-wide: this process is the server's own
     settings = ServeSettings(name, str(model_dir), args.api_key, root, max_waiting=args.max_waiting,
-                             stream_interval=args.stream_interval / 1000)
+                             stream_interval=args.stream_interval / 1000, runs_root=runs_root)
     app = build_app(engine, settings)
     print(f"lorakit serve: http://{args.host}:{args.port}/v1  model {name!r}, adapters {[a.name for a in adapters]}"
-          f"{', batch-invariant' if args.deterministic else ''}", flush=True)
+          f"{', batch-invariant' if args.deterministic else ''}; workbench http://{args.host}:{args.port}/", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=30))
     serve_forever(engine, server)

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from lorakit.infer.engine import Engine
 from lorakit.serve.protocol import ApiError
 from lorakit.serve.relay import EventRelay
+from lorakit.serve import workbench
 from lorakit.serve.routes import router
 from lorakit.serve.state import ServerState, ServeSettings
 
@@ -26,6 +27,7 @@ def build_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     app.add_exception_handler(ApiError, api_error)
     app.middleware("http")(authenticate)
     app.include_router(router)
+    app.include_router(workbench.router)  # the web page at / and its runs view
     return app
 
 

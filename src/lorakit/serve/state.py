@@ -23,6 +23,7 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20
     max_waiting: int = 256  # requests queued beyond the running batch before new ones get 503
     stream_interval: float = 0.0  # seconds a started stream's text may wait to go out with the next steps' (EventRelay)
+    runs_root: Path | None = None  # where the workbench may read training runs' metrics.jsonl from; None: off
 
 
 @dataclass(frozen=True)
