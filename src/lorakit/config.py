@@ -11,9 +11,10 @@ from lorakit.errors import ConfigError
 
 BIAS_MODES = ("none", "all", "lora_only")
 UNSUPPORTED_PEFT_KEYS = (
-    "use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "layers_to_transform", "layer_replication",
-    "trainable_token_indices",
+    "lora_bias", "layers_to_transform", "layer_replication", "trainable_token_indices",
 )
+INIT_METHODS = ("gaussian", "pissa", "pissa_niter_N", "olora", "loftq", "eva")
+"""peft's init_lora_weights strings lorakit runs (besides True and False); lora/init.py does each."""
 
 
 class TaskType(str, enum.Enum):
@@ -62,6 +63,14 @@ class LoraConfig:
     task_type: TaskType | str | None = setting(None, "what the model is trained for (peft's task types)")
     base_model_name_or_path: str | None = setting(None, "the base model the adapter was trained on", cli=False)
     inference_mode: bool = setting(False, "frozen adapter (written True in adapter_config.json)", cli=False)
+    use_dora: bool = setting(False, "DoRA: a trained magnitude per output row times the direction of W + scaling * B A")
+    init_lora_weights: bool | str = setting(
+        True, "true (A Kaiming, B zero) | false (both random: not a no-op) | gaussian | pissa | pissa_niter_N | olora "
+        "(pissa / olora move the top of W into the adapter and leave the residual in the base) | loftq (needs "
+        "loftq_config) | eva (A from the first batches' activations)")
+    rank_pattern: dict[str, int] = setting({}, "per-layer ranks: {regex: r}, a key matching the end of a module path (peft's rule)")
+    alpha_pattern: dict[str, float] = setting({}, "per-layer lora_alpha: {regex: alpha}, matched like rank_pattern")
+    loftq_config: dict[str, int] = setting({}, "for init_lora_weights loftq: {loftq_bits: 4, loftq_iter: 1}")
 
     def __post_init__(self) -> None:
         # peft accepts sets (and stores them as lists); so does lorakit.
@@ -94,6 +103,7 @@ class LoraConfig:
             ):
                 found.append(f"{name} must be a list of module names or a regex string (got {value!r})")
         found += self._parameter_problems()
+        found += self._method_problems()
         return found
 
     def _parameter_problems(self) -> list[str]:
@@ -107,6 +117,32 @@ class LoraConfig:
             return [f"lora_dropout must be 0 with target_parameters (got {self.lora_dropout!r}); set lora_dropout 0"]
         return []
 
+    def _method_problems(self) -> list[str]:
+        """The DoRA / init / pattern settings (split from problems() to keep each short)."""
+        found = []
+        init = self.init_lora_weights
+        loftq = self.loftq_config if isinstance(self.loftq_config, dict) else {}
+        if not isinstance(self.loftq_config, dict):
+            found.append(f"loftq_config must be a mapping like {{loftq_bits: 4, loftq_iter: 1}} (got {self.loftq_config!r})")
+        if not isinstance(init, bool) and init_method(init) is None:
+            found.append(f"init_lora_weights {init!r} is not supported; use true, false or one of {', '.join(INIT_METHODS)}")
+        if init == "loftq" and loftq.get("loftq_bits", 4) not in (4, 8):
+            found.append(f"loftq_config loftq_bits must be 4 or 8 (got {loftq.get('loftq_bits')!r})")
+        if init == "loftq" and not (isinstance(iters := loftq.get("loftq_iter", 1), int) and iters >= 1):
+            found.append(f"loftq_config loftq_iter must be a whole number >= 1 (got {iters!r})")
+        for name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+            value = getattr(self, name)
+            if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, kind) and not isinstance(v, bool) and v > 0 for k, v in value.items()
+            ):
+                found.append(f"{name} must map module-name regexes to positive {'integers' if kind is int else 'numbers'} (got {value!r})")
+        return found
+
+    @property
+    def max_rank(self) -> int:
+        """The largest rank any layer gets (r or a rank_pattern value): what a bank of adapters must hold."""
+        return max([self.r, *self.rank_pattern.values()]) if isinstance(self.rank_pattern, dict) else self.r
+
     def validate(self) -> None:
         found = self.problems()
         if found:
@@ -118,28 +154,29 @@ class LoraConfig:
         if isinstance(targets, list):
             targets = sorted(set(targets))
         return {
-            "alpha_pattern": {},
+            "alpha_pattern": dict(self.alpha_pattern),
             "auto_mapping": None,
             "base_model_name_or_path": self.base_model_name_or_path,
             "bias": self.bias,
             "exclude_modules": self.exclude_modules,
             "fan_in_fan_out": self.fan_in_fan_out,
             "inference_mode": True,
-            "init_lora_weights": True,
+            "init_lora_weights": self.init_lora_weights,
             "layers_pattern": None,
             "layers_to_transform": None,
             "lora_alpha": self.lora_alpha,
             "lora_bias": False,
             "lora_dropout": self.lora_dropout,
+            "loftq_config": dict(self.loftq_config),
             "modules_to_save": self.modules_to_save,
             "peft_type": "LORA",
             "r": self.r,
-            "rank_pattern": {},
+            "rank_pattern": dict(self.rank_pattern),
             "revision": None,
             "target_modules": targets,
             "target_parameters": sorted(set(self.target_parameters)) if self.target_parameters else None,
             "task_type": self.task_type,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "use_rslora": self.use_rslora,
         }
 
@@ -158,8 +195,19 @@ class LoraConfig:
         return cls(**kwargs)
 
 
+def init_method(value: bool | str) -> str | None:
+    """The init_lora_weights value as INIT_METHODS names it ("pissa_niter_4" -> "pissa_niter_N"), None if unknown."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if not isinstance(value, str):
+        return None
+    if value.startswith("pissa_niter_"):
+        return "pissa_niter_N" if value.removeprefix("pissa_niter_").isdigit() else None
+    return value if value in INIT_METHODS else None
+
+
 def replace(config: LoraConfig, **changes: Any) -> LoraConfig:
     return dataclasses.replace(config, **changes)
 
 
-__all__ = ["LoraConfig", "TaskType", "BIAS_MODES", "replace", "setting", "settings"]
+__all__ = ["LoraConfig", "TaskType", "BIAS_MODES", "INIT_METHODS", "init_method", "replace", "setting", "settings"]

@@ -9,7 +9,9 @@ from lorakit.config import LoraConfig, replace
 from lorakit.errors import ConfigError
 from lorakit.lora import expert
 from lorakit.lora.base_layer import parameter_count
+from lorakit.lora.init import mutates_base
 from lorakit.lora.layer import LoraLinear, ModulesToSave
+from lorakit.lora.patterns import layer_rank_alpha
 from lorakit.lora.targets import ALL_LINEAR, find_targets, inside_lora_layer, is_linear_like, name_matches, resolve_all_linear
 
 
@@ -38,13 +40,16 @@ def inject_adapter(
     _check_adaptable(model, paths)
     parameters = expert.parameter_targets(model, config.target_parameters) if config.target_parameters else []
     expert.check_parameter_targets(model, config, parameters, paths)
+    _check_base_kept(model, paths, config)
     for path in paths:
         module = model.get_submodule(path)
         if not isinstance(module, LoraLinear):
             module = LoraLinear(module)
             _set_child(model, path, module)
-        module.add_adapter(adapter_name, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, adapter_dtype)
-    expert.inject_parameters(model, config, parameters, adapter_name, adapter_dtype=adapter_dtype)
+        r, alpha = layer_rank_alpha(config, path)
+        module.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, adapter_dtype,
+                           use_dora=config.use_dora, init=config.init_lora_weights, loftq_config=config.loftq_config)
+    expert.inject_parameters(model, config, parameters, adapter_name, lambda key: layer_rank_alpha(config, key), adapter_dtype)
     for path in save_paths:
         module = model.get_submodule(path)
         if not isinstance(module, ModulesToSave):
@@ -62,6 +67,18 @@ def _check_adaptable(model: nn.Module, paths: list[str]) -> None:
         raise ConfigError(
             [f"target {path!r} is a {type(module).__name__}; lorakit adapts Linear and Conv1D layers only"], "LoraConfig"
         )
+
+
+def _check_base_kept(model: nn.Module, paths: list[str], config: LoraConfig) -> None:
+    """PiSSA / OLoRA / LoftQ rewrite the base weights; on a layer that other adapters already use, that would
+    silently change what every one of them computes (peft lets it happen)."""
+    if not mutates_base(config.init_lora_weights):
+        return
+    shared = [p for p in paths if isinstance(m := model.get_submodule(p), LoraLinear) and m.lora_A]
+    if shared:
+        raise ConfigError([f"init_lora_weights {config.init_lora_weights!r} rewrites the base weight of {shared[0]}, "
+                           "which other adapters use; give this adapter a base of its own, or convert it to a plain "
+                           "LoRA adapter (save_pretrained with path_initial_model_for_weight_conversion)"], "LoraConfig")
 
 
 def _modules_to_save_paths(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -82,6 +99,8 @@ def mark_trainable(model: nn.Module, adapter_name: str, bias: str) -> None:
         if isinstance(module, LoraLinear) and adapter_name in module.lora_A:
             module.lora_A[adapter_name].requires_grad_(True)
             module.lora_B[adapter_name].requires_grad_(True)
+            if module.is_dora(adapter_name):
+                module.lora_magnitude_vector[adapter_name].requires_grad_(True)
             if bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
                 module.base_layer.bias.requires_grad_(True)
         elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
@@ -99,6 +118,8 @@ def freeze_adapter(model: nn.Module, adapter_name: str) -> None:
         if isinstance(module, LoraLinear) and adapter_name in module.lora_A:
             module.lora_A[adapter_name].requires_grad_(False)
             module.lora_B[adapter_name].requires_grad_(False)
+            if module.is_dora(adapter_name):
+                module.lora_magnitude_vector[adapter_name].requires_grad_(False)
         elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
             module.modules_to_save[adapter_name].requires_grad_(False)
     expert.set_trainable(model, adapter_name, False)

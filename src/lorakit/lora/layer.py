@@ -1,8 +1,10 @@
 """`LoraLinear`: a frozen base layer plus named low-rank adapters.
 
 h = base(x) + scaling * B(A(dropout(x))), with A (r x in) Kaiming-uniform and B (out x r) zero, so a
-fresh adapter changes nothing. Attribute names (`base_layer`, `lora_A.<name>`, `lora_B.<name>`) are
-peft's, so a state dict key here is a peft key minus its `base_model.model.` prefix.
+fresh adapter changes nothing (lora/init.py has peft's other initialisations). A DoRA adapter also has a
+magnitude per output feature (lora/dora.py has its math). Attribute names (`base_layer`, `lora_A.<name>`,
+`lora_B.<name>`, `lora_magnitude_vector.<name>`) are peft's, so a state dict key here is a peft key minus
+its `base_model.model.` prefix.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.lora import dora
 from lorakit.lora.base_layer import is_conv1d, layer_shape
 from lorakit.lora.routing import Routing, current_routing
+from lorakit.weights.dequant import dense_weight
 from lorakit.weights.kinds import is_quantized
 
 
@@ -34,7 +38,9 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only: m, (out,)
         self.scaling: dict[str, float] = {}
+        self._merge_norms: dict[str, torch.Tensor] = {}  # DoRA: the norm each merged adapter was merged with
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
@@ -48,15 +54,26 @@ class LoraLinear(nn.Module):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         dtype: torch.dtype | None = None,
+        use_dora: bool = False,
+        init: bool | str = True,
+        loftq_config: dict | None = None,
     ) -> None:
+        """Add adapter `name`, initialised as `init` (peft's init_lora_weights) says; a DoRA adapter's
+        magnitude starts at the row norms of W + scaling * B A (after the init, which may change W)."""
+        from lorakit.lora.init import initialise  # init.py reads LoraLinear's attributes: imported late
+
         device = next(self.base_layer.parameters()).device
         dtype = dtype or torch.float32
+        # Constructed as peft constructs them (each nn.Linear draws its own default init), so a seeded run
+        # draws the same random numbers as peft's.
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[name].weight)
+        initialise(self, name, init, loftq_config or {})
+        if use_dora:
+            norm = dora.initial_magnitude(self.dense_weight(), self.delta_weight(name, layout="linear"))
+            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(device=device, dtype=dtype))
         if not self.active_adapters:
             self.active_adapters = [name]
 
@@ -65,6 +82,8 @@ class LoraLinear(nn.Module):
             self.unmerge()
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         del self.scaling[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
@@ -76,38 +95,80 @@ class LoraLinear(nn.Module):
         self.active_adapters = list(names)
 
     # --- merging ------------------------------------------------------------------------------
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """scaling * B A in fp32, in the base weight's layout ((in, out) for Conv1D). Every merge path uses this."""
+    def delta_weight(self, name: str, layout: str = "base") -> torch.Tensor:
+        """scaling * B A in fp32, in the base weight's layout ((in, out) for Conv1D), or nn.Linear's (out,
+        in) with layout="linear". Every merge path uses this."""
         a = self.lora_A[name].weight.float()
         b = self.lora_B[name].weight.float()
         delta = (b @ a) * self.scaling[name]
-        return delta.T if self.fan_in_fan_out else delta
+        return delta.T if self.fan_in_fan_out and layout == "base" else delta
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight in fp32 and nn.Linear's (out, in) layout, dequantized if it is quantized."""
+        weight = dense_weight(self.base_layer).float()
+        return weight.T if self.fan_in_fan_out else weight
+
+    def is_dora(self, name: str) -> bool:
+        return name in self.lora_magnitude_vector
+
+    def fold(self, weight: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`weight` (the unmerged base, fp32, the base layout) with `names` merged in one after another as
+        peft merges them: a LoRA adapter adds its delta, a DoRA adapter rescales the rows of (weight so far
+        + delta) by m / ||W + delta||, the norm taken on the unmerged W as its forward takes it.
+        Returns the merged weight and the norms used (unmerge divides them out again)."""
+        base = linear = weight.T if self.fan_in_fan_out else weight
+        norms = {}
+        for name in names:
+            delta = self.delta_weight(name, layout="linear")
+            if self.is_dora(name):
+                norms[name] = dora.weight_norm(base, delta)
+                linear = dora.dora_weight(linear, delta, self.lora_magnitude_vector[name], norms[name])
+            else:
+                linear = linear + delta
+        return (linear.T if self.fan_in_fan_out else linear), norms
 
     def merged_weight(self, names: list[str]) -> torch.Tensor:
-        """The base weight with these adapters added in, in fp32 (what merge writes back)."""
-        return self.base_layer.weight.float() + sum(self.delta_weight(n) for n in names)
+        """The base weight with these adapters merged in, in fp32 (what merge writes back)."""
+        return self.fold(self.base_layer.weight.float(), names)[0]
 
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, safe: bool = False) -> None:
-        """Add the active (or given) adapters into the base weight; outputs stay the same."""
+        """Merge the active (or given) adapters into the base weight; outputs stay the same."""
         names = [n for n in (names or self.active_adapters) if n in self.lora_A and n not in self.merged_adapters]
         if not names:
             return
         weight = self.base_layer.weight
         if is_quantized(weight):
             raise LorakitError("cannot merge in place into a quantized base layer; use merge_and_unload() or `lorakit merge`, which dequantize first")
-        merged = self.merged_weight(names)
+        already = list(self.merged_adapters)
+        if already and any(self.is_dora(n) for n in names + already):
+            # a DoRA norm is taken on the unmerged weight, as its forward takes it: merge all again from there
+            self.unmerge()
+            names = already + names
+        merged, norms = self.fold(weight.float(), names)
         if safe and not torch.isfinite(merged).all():
+            if already and not self.merged_adapters:
+                self.merge(already)  # back to what was merged before
             raise LorakitError(f"merging adapters {names} gives NaN or inf weights; the adapter is broken, retrain it")
         weight.copy_(merged.to(weight.dtype))
-        self.merged_adapters.extend(names)
+        self._merge_norms.update(norms)
+        self.merged_adapters = self.merged_adapters + names
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Take the merged adapters out again, the last merged first (a DoRA rescale is divided out)."""
         weight = self.base_layer.weight
-        if self.merged_adapters:
-            restored = weight.float() - sum(self.delta_weight(n) for n in self.merged_adapters)
-            weight.copy_(restored.to(weight.dtype))
+        if not self.merged_adapters:
+            return
+        linear = weight.float().T if self.fan_in_fan_out else weight.float()
+        for name in reversed(self.merged_adapters):
+            delta = self.delta_weight(name, layout="linear")
+            if self.is_dora(name):
+                scale = dora.magnitude_scale(self.lora_magnitude_vector[name].float(), self._merge_norms.pop(name))
+                linear = linear / scale[:, None] - delta
+            else:
+                linear = linear - delta
+        weight.copy_((linear.T if self.fan_in_fan_out else linear).to(weight.dtype))
         self.merged_adapters = []
 
     # --- forward ------------------------------------------------------------------------------
@@ -134,6 +195,8 @@ class LoraLinear(nn.Module):
         """result + scaling * B A dropout(x), as one addmm onto the base output (no separate scale and
         add passes over the (tokens, out) result, forward or backward). Under autocast the matmuls run
         in its dtype; otherwise in the adapter's, cast back to the base output's dtype."""
+        if self.is_dora(name):
+            return self._add_dora(result, x, name)
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(lora_a.weight.dtype)
@@ -141,6 +204,36 @@ class LoraLinear(nn.Module):
         flat = torch.addmm(result.reshape(-1, self.out_features).to(xa.dtype), xa.reshape(-1, xa.shape[-1]),
                            (lora_b.weight * self.scaling[name]).T.to(xa.dtype))
         return flat.view(result.shape).to(result.dtype)
+
+    def _add_dora(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """result + (m/n - 1) W x' + m/n s B A x' (lora/dora.py), as peft computes it: x' is the dropped-out
+        input, and without dropout (or in eval) W x' is the result so far minus the bias, not recomputed.
+        With several active adapters that result includes the earlier ones' terms, as in peft."""
+        lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(lora_a.weight.dtype)
+        bias = getattr(self.base_layer, "bias", None)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            base_out = result if bias is None else result - bias
+        else:
+            x = dropout(x)
+            base_out = self.base_layer(x)
+            base_out = base_out if bias is None else base_out - bias
+        lora_out = lora_b(lora_a(x)) * self.scaling[name]  # (..., out)
+        scale = dora.magnitude_scale(self.lora_magnitude_vector[name], self.dora_norm(name))
+        return dora.add_dora(result.to(lora_out.dtype), base_out.to(lora_out.dtype), lora_out, scale).to(result.dtype)
+
+    def dora_norm(self, name: str) -> torch.Tensor:
+        """||W + s B A|| per output row for DoRA adapter `name` (detached, fp32). Outside training it is
+        cached until A, B or W change (peft caches it in eval too); training recomputes it every step."""
+        a, b, w = self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer.weight
+        key = (a._version, b._version, w._version, a.data_ptr(), b.data_ptr(), w.data_ptr())
+        cache = self.__dict__.setdefault("_dora_norms", {})  # not a buffer: never in a state dict
+        if not self.training and name in cache and cache[name][0] == key:
+            return cache[name][1]
+        norm = dora.weight_norm(self.dense_weight(), self.delta_weight(name, layout="linear"))
+        cache[name] = (key, norm)
+        return norm
 
     def _add_routed(self, result: torch.Tensor, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Each row its own adapter mix, in two matmuls for the whole batch whatever the number of
@@ -173,6 +266,10 @@ class LoraLinear(nn.Module):
         (out, S*R); each slot zero-padded to the table's rank R, zero for adapters this layer lacks.
         Rebuilt only when the table or an adapter's weights change."""
         table = routing.table
+        dora_names = [n for n in table.slot_of if self.is_dora(n)]
+        if dora_names:
+            raise LorakitError(f"adapter {dora_names[0]!r} uses DoRA, which per-row adapter batches do not run yet; "
+                               "use it as the active adapter (set_adapter) or merge it (merge_and_unload)")
         key = (table.version, table.weights_version, dtype, device)
         cached = getattr(self, "_bank", None)
         if cached is not None and cached[0] == key:

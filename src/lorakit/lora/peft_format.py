@@ -22,6 +22,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.io import atomic_directory, file_kind
+from lorakit.lora.conversion import to_original_base
 from lorakit.lora.expert import ParamLora
 from lorakit.lora.layer import LoraLinear, ModulesToSave
 
@@ -29,6 +30,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 FACTOR_PARTS = ("lora_A", "lora_B")
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's m: `<path>.lora_magnitude_vector` in the file, no `.weight`
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str) -> dict[str, torch.Tensor]:
@@ -38,6 +40,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str) -> dict[s
         if isinstance(module, LoraLinear) and adapter_name in module.lora_A:
             state[f"{path}.lora_A.weight"] = module.lora_A[adapter_name].weight
             state[f"{path}.lora_B.weight"] = module.lora_B[adapter_name].weight
+            if module.is_dora(adapter_name):
+                state[f"{path}.{MAGNITUDE}"] = module.lora_magnitude_vector[adapter_name]
             if bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
                 state[f"{path}.base_layer.bias"] = module.base_layer.bias
         elif isinstance(module, ParamLora) and adapter_name in module.lora_A:  # peft's ParamWrapper keys
@@ -62,9 +66,16 @@ def factors_state_dict(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]])
     return tensors
 
 
-def save_adapter(model: nn.Module, config: LoraConfig, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
-    """Write the model's adapter atomically, keeping the directory's other files (see write_adapter_files)."""
-    return write_adapter_files(directory, config, adapter_state_dict(model, adapter_name, config.bias), keep_other_files=True)
+def save_adapter(model: nn.Module, config: LoraConfig, directory: str | os.PathLike, adapter_name: str = "default",
+                 initial: str | os.PathLike | None = None) -> Path:
+    """Write the model's adapter atomically, keeping the directory's other files (see write_adapter_files).
+    With `initial` (the directory of a PiSSA / OLoRA adapter saved right after its initialisation), write it
+    converted to a plain LoRA adapter of the original base instead (lora/conversion.py, peft's
+    path_initial_model_for_weight_conversion)."""
+    tensors = adapter_state_dict(model, adapter_name, config.bias)
+    if initial is not None:
+        config, tensors = to_original_base(config, tensors, read_adapter_weights(initial), initial)
+    return write_adapter_files(directory, config, tensors, keep_other_files=True)
 
 
 def write_adapter_files(directory: str | os.PathLike, config: LoraConfig, tensors: dict[str, torch.Tensor],
@@ -217,6 +228,8 @@ def to_model_keys(tensors: dict[str, torch.Tensor], model: nn.Module, adapter_na
         for part in FACTOR_PARTS:
             if f".{part}." in key:
                 key = key.replace(f".{part}.", f".{part}.{adapter_name}.")
+        if key.endswith(f".{MAGNITUDE}"):
+            key = f"{key}.{adapter_name}"
         owner = next((w for w in wrappers if key.startswith(w + ".")), None)
         if owner is not None:
             key = f"{owner}.modules_to_save.{adapter_name}.{key[len(owner) + 1:]}"
@@ -231,7 +244,8 @@ def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], ada
     mapped = to_model_keys(tensors, model, adapter_name)
     missing = [k for k in mapped if k not in params]
     wrong = [f"{k} is {tuple(v.shape)} in the file but {tuple(params[k].shape)} in the model" for k, v in mapped.items() if k in params and params[k].shape != v.shape]
-    expected = [k for k in params if f".lora_A.{adapter_name}." in k or f".lora_B.{adapter_name}." in k]
+    expected = [k for k in params if f".lora_A.{adapter_name}." in k or f".lora_B.{adapter_name}." in k
+                or k.endswith(f".{MAGNITUDE}.{adapter_name}")]
     absent = [k for k in expected if k not in mapped]
     problems = []
     if missing:

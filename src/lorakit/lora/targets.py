@@ -76,7 +76,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 def inside_lora_layer(name: str) -> bool:
     """True for the parts lorakit adds inside a wrapped layer (base_layer, lora_A, ...), which are never targets."""
     parts = name.split(".")
-    return any(p in ("lora_A", "lora_B", "lora_dropout", "base_layer", "original_module", "modules_to_save") for p in parts)
+    return any(p in ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector", "base_layer", "original_module", "modules_to_save") for p in parts)
 
 
 def _no_match_message(model: nn.Module, targets: list[str] | str) -> str:
