@@ -8,7 +8,7 @@ import sys
 
 from lorakit.errors import LorakitError
 
-COMMANDS = ["train", "generate", "eval", "classify", "serve", "merge", "combine", "inspect", "estimate"]
+COMMANDS = ["train", "generate", "eval", "classify", "serve", "merge", "combine", "inspect", "estimate", "export_gguf"]
 
 
 def build_parser() -> argparse.ArgumentParser:
