@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +139,19 @@ class LoraConfig:
             ):
                 found.append(f"{name} must map module-name regexes to positive {'integers' if kind is int else 'numbers'} (got {value!r})")
         return found
+
+    def layer_rank_alpha(self, path: str) -> tuple[int, float]:
+        """(r, lora_alpha) of the layer at `path` (its path in the transformers model): the first
+        rank_pattern / alpha_pattern key matching the end of the path at a dot boundary, as peft's
+        get_pattern_key does (re.match(rf"(.*\.)?({key})$", path)), else r / lora_alpha."""
+        r = next((v for k, v in self.rank_pattern.items() if re.match(rf"(.*\.)?({k})$", path)), self.r)
+        alpha = next((v for k, v in self.alpha_pattern.items() if re.match(rf"(.*\.)?({k})$", path)), self.lora_alpha)
+        return r, alpha
+
+    def layer_scaling(self, path: str) -> float:
+        """lora_alpha / r (or / sqrt(r) with rsLoRA) of the layer at `path`."""
+        r, alpha = self.layer_rank_alpha(path)
+        return alpha / (math.sqrt(r) if self.use_rslora else r)
 
     @property
     def max_rank(self) -> int:

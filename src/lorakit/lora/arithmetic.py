@@ -52,6 +52,10 @@ class AdapterFactors:
         rank = math.sqrt(self.config.r) if self.config.use_rslora else self.config.r
         return self.config.lora_alpha / rank
 
+    def scaling_of(self, path: str) -> float:
+        """The scaling of the module at `path` (rank_pattern / alpha_pattern may give it its own)."""
+        return self.config.layer_scaling(path)
+
 
 # --- merging a list of tensors (peft's merge_utils) -----------------------------------------------
 def _base_method(combination_type: str) -> str:
@@ -107,9 +111,11 @@ def check_arguments(adapters: list[AdapterFactors], weights: list[float], combin
         raise LorakitError(f"{len(adapters)} adapters but {len(weights)} weights; give one weight per adapter")
     _check_pruning(combination_type, density, majority_sign_method)
     _check_svd_options(adapters, combination_type, svd_rank, svd_clamp, svd_driver)
+    if len({f.config.use_dora for f in adapters}) > 1:
+        raise LorakitError("cannot combine DoRA and plain LoRA adapters (a DoRA magnitude has no plain LoRA equivalent); combine adapters of one kind")
     if len(adapters) == 1:
         return "linear"
-    ranks = {f.name: f.config.r for f in adapters}
+    ranks = {f.name: f.config.max_rank for f in adapters}
     if combination_type in FACTOR_WISE and len(set(ranks.values())) > 1:
         listed = ", ".join(f"{n} r={r}" for n, r in ranks.items())
         raise LorakitError(f"combination_type {combination_type!r} needs adapters of equal rank ({listed}); use 'cat' (exact) or 'svd' instead")
@@ -142,7 +148,7 @@ def _check_svd_options(adapters: list[AdapterFactors], combination_type: str, sv
 
 def combined_rank(adapters: list[AdapterFactors], combination_type: str, svd_rank: int | None) -> int:
     """peft's rule: the common rank for factor-wise types, the sum for cat, svd_rank (or the largest) for svd."""
-    ranks = [f.config.r for f in adapters]
+    ranks = [f.config.max_rank for f in adapters]  # room for the largest rank_pattern rank, as peft
     if combination_type == "cat":
         return sum(ranks)
     if combination_type in SVD_TYPES:
@@ -217,7 +223,12 @@ def plan(adapters: list[AdapterFactors], weights: list[float], combination_type:
     """
     combination_type = check_arguments(adapters, weights, combination_type, density, majority_sign_method, svd_rank, svd_clamp, svd_driver)
     rank = combined_rank(adapters, combination_type, svd_rank)
-    config = replace(adapters[0].config, r=rank, lora_alpha=rank, use_rslora=False, target_modules=combined_targets(adapters))
+    first = adapters[0].config
+    # peft's replace of the first config, patterns dropped; an init that rewrites the base weights (PiSSA,
+    # OLoRA, LoftQ) is not run again for the new adapter, whose factors are computed here
+    init = True if isinstance(first.init_lora_weights, str) and first.init_lora_weights.startswith(("pissa", "olora", "loftq")) else first.init_lora_weights
+    config = replace(first, r=rank, lora_alpha=rank, use_rslora=False, target_modules=combined_targets(adapters),
+                     rank_pattern={}, alpha_pattern={}, init_lora_weights=init)
     order = modules or list(dict.fromkeys(path for f in adapters for path in f.factors))
     missing = [p for p in order if not any(p in f.factors for f in adapters)]
     if missing:
@@ -240,7 +251,7 @@ def _layer_shape(adapters: list[AdapterFactors], path: str) -> tuple[int, int]:
 def _combine_module(path: str, present: list[tuple[AdapterFactors, float]], combination_type: str, rank: int,
                     **options) -> Factors:
     dtype = present[0][0].factors[path][0].dtype
-    pairs = [(f.factors[path][0].float(), f.factors[path][1].float(), f.scaling, w) for f, w in present]
+    pairs = [(f.factors[path][0].float(), f.factors[path][1].float(), f.scaling_of(path), w) for f, w in present]
     if combination_type == "cat":
         lora_a, lora_b = _cat(pairs, rank)
     elif combination_type in SVD_TYPES:

@@ -11,7 +11,6 @@ from lorakit.lora import expert
 from lorakit.lora.base_layer import parameter_count
 from lorakit.lora.init import mutates_base
 from lorakit.lora.layer import LoraLinear, ModulesToSave
-from lorakit.lora.patterns import layer_rank_alpha
 from lorakit.lora.targets import ALL_LINEAR, find_targets, inside_lora_layer, is_linear_like, name_matches, resolve_all_linear
 
 
@@ -46,10 +45,10 @@ def inject_adapter(
         if not isinstance(module, LoraLinear):
             module = LoraLinear(module)
             _set_child(model, path, module)
-        r, alpha = layer_rank_alpha(config, path)
+        r, alpha = config.layer_rank_alpha(path)
         module.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, adapter_dtype,
                            use_dora=config.use_dora, init=config.init_lora_weights, loftq_config=config.loftq_config)
-    expert.inject_parameters(model, config, parameters, adapter_name, lambda key: layer_rank_alpha(config, key), adapter_dtype)
+    expert.inject_parameters(model, config, parameters, adapter_name, config.layer_rank_alpha, adapter_dtype)
     for path in save_paths:
         module = model.get_submodule(path)
         if not isinstance(module, ModulesToSave):

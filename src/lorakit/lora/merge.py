@@ -18,10 +18,9 @@ def merged_linear(layer: LoraLinear, names: list[str], safe: bool = False, dtype
 
     A quantized base is dequantized and comes back as a dense nn.Linear; it is never re-quantized here."""
     base = layer.base_layer
-    weight = dense_weight(base).float()
-    for name in names:
-        if name not in layer.merged_adapters:
-            weight = weight + layer.delta_weight(name)
+    if layer.merged_adapters and any(layer.is_dora(n) for n in names + layer.merged_adapters):
+        layer.unmerge()  # DoRA merges from the unmerged weight (LoraLinear.fold)
+    weight, _ = layer.fold(dense_weight(base).float(), [n for n in names if n not in layer.merged_adapters])
     if safe and not torch.isfinite(weight).all():
         raise LorakitError(f"merging adapters {names} gives NaN or inf weights; the adapter is broken, retrain it")
     quantized = is_quantized(base.weight)
@@ -54,7 +53,7 @@ def check_finite_merge(model: nn.Module, adapter_names: list[str] | None = None)
             continue
         wanted = adapter_names if adapter_names is not None else layer.active_adapters
         names = [n for n in wanted if n in layer.lora_A and n not in layer.merged_adapters]
-        if names and not torch.isfinite(dense_weight(layer.base_layer).float() + sum(layer.delta_weight(n) for n in names)).all():
+        if names and not torch.isfinite(layer.fold(dense_weight(layer.base_layer).float(), names)[0]).all():
             raise LorakitError(f"merging adapters {names} into {path} gives NaN or inf weights; the adapter is broken, retrain it")
 
 
