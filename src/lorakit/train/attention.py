@@ -5,6 +5,13 @@ masked path on the CPU, so instead each example runs on its own slice through lo
 attention kernel (kernels/causal_attention.py, about twice as fast as SDPA's CPU flash kernel at these
 lengths): no attention across examples, no compute on other examples' keys.
 
+Families whose attention is more than causal softmax get it computed in full, per example: logit
+softcapping (Gemma 2), attention sinks (gpt-oss) and a sliding window shorter than the example
+(Mistral, Qwen2, Gemma 2 / 3, gpt-oss's sliding layers) run `_eager_example`, a plain-torch twin of
+transformers' eager attention with those terms; a window at least as long as the example changes
+nothing and keeps the fast kernel. A module that attends both ways (`is_causal` False) is refused in
+one line: packed rows are causal by construction.
+
 The switch is scoped to the thread that trains. `packed_attention_enabled` points the model's config at
 `PACKED_ATTENTION` (the first thread to enter does it, the last to leave undoes it), and the function
 registered under that name runs the packed path only in a thread inside the block. Any other thread
@@ -16,7 +23,7 @@ from __future__ import annotations
 import sys
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +32,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
+from lorakit.errors import LorakitError
 from lorakit.kernels.causal_attention import causal_attention
 from lorakit.kernels.dropout import dropout as hash_dropout
 from lorakit.train.fused import lean_blocks_active
@@ -60,23 +68,81 @@ def _packed_rows(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
         seq_lens = [[query.shape[2]]] * query.shape[0]
     dropout = dropout if module.training else 0.0
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    terms = _attention_terms(module, kwargs)
+    # An fp32 model under bf16 autocast gives fp32 q and k (its rotary cos / sin are fp32) beside a bf16 v;
+    # SDPA would cast all three to the autocast dtype, and the kernel needs them alike, so do the same.
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else value.dtype
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     # unbind/split rather than slicing: their backward is one stack/cat, where every slice's backward
     # would allocate and fill a zero tensor of the whole input.
     rows = []
     for q, k, v, lengths in zip(query.unbind(0), key.unbind(0), value.unbind(0), seq_lens):  # (H, T, D) each
         pieces = [
-            _one_example(qs, ks, vs, scale, dropout).transpose(0, 1)  # (L, H, D)
+            _one_example(qs, ks, vs, scale, dropout, terms).transpose(0, 1)  # (L, H, D)
             for qs, ks, vs in zip(q.split(lengths, dim=1), k.split(lengths, dim=1), v.split(lengths, dim=1))
         ]
         rows.append(torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0].contiguous())
     return torch.stack(rows), None  # (B, T, H, D), as transformers expects
 
 
-def _one_example(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout: float) -> torch.Tensor:
+class AttentionTerms(NamedTuple):
+    """What a family adds to causal softmax attention, as transformers passes it to the attention function."""
+
+    softcap: float | None = None  # scores -> tanh(scores / softcap) * softcap (Gemma 2)
+    sliding_window: int | None = None  # a query sees the last `sliding_window` positions, itself included
+    sinks: torch.Tensor | None = None  # (H,) one extra logit per head that takes probability and no value (gpt-oss)
+
+
+def _attention_terms(module: nn.Module, kwargs: dict) -> AttentionTerms:
+    """The terms of `module`'s attention call.
+
+    Raises:
+        LorakitError: a module that attends both ways, which packed rows cannot express.
+    """
+    if getattr(module, "is_causal", True) is False:
+        raise LorakitError(f"{type(module).__name__} attends in both directions (is_causal False), and packed training rows are "
+                           "causal; train it as a classifier (task_type SEQ_CLS) or use a causal model")
+    window = kwargs.get("sliding_window")
+    return AttentionTerms(kwargs.get("softcap"), int(window) if window else None, kwargs.get("s_aux"))
+
+
+def _one_example(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout: float,
+                 terms: AttentionTerms = AttentionTerms()) -> torch.Tensor:
     """(H, L, D) attention output of one example; attention dropout needs SDPA's own kernel."""
-    if dropout or q.shape[1] > BMM_ATTENTION_MAX_LEN:
+    length = q.shape[1]
+    window = terms.sliding_window if terms.sliding_window is not None and terms.sliding_window < length else None
+    if terms.softcap is not None or terms.sinks is not None or window is not None:
+        return _eager_example(q, k, v, scale, dropout, terms._replace(sliding_window=window))
+    if dropout or length > BMM_ATTENTION_MAX_LEN:
         return F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=True)[0]
     return causal_attention(q, k, v, scale)
+
+
+def _eager_example(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout: float,
+                   terms: AttentionTerms) -> torch.Tensor:
+    """Causal attention of one example with softcapping, a sliding window and sinks, as transformers'
+    eager functions compute them (Gemma 2's, gpt-oss's): q (H, L, D), k / v (KVH, L, D) -> (H, L, D).
+    It keeps the (H, L, L) probabilities for backward: the price of terms the fast kernels lack."""
+    heads, length, _ = q.shape
+    group = heads // k.shape[0]
+    k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)  # kv head h // group, as repeat_kv
+    scores = torch.matmul(q, k.transpose(1, 2)).float() * scale  # (H, L, L)
+    if terms.softcap is not None:
+        scores = torch.tanh(scores / terms.softcap) * terms.softcap
+    positions = torch.arange(length, device=q.device)
+    offset = positions[:, None] - positions[None, :]  # query - key
+    allowed = offset >= 0
+    if terms.sliding_window is not None:
+        allowed &= offset < terms.sliding_window
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    if terms.sinks is not None:
+        sinks = terms.sinks.float().reshape(heads, 1, 1).expand(heads, length, 1)
+        probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]  # the sink takes mass, gives nothing
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    probs = F.dropout(probs, p=dropout) if dropout else probs
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 _local = threading.local()  # .depth: how many packed_attention_enabled blocks this thread is inside
