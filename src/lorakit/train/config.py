@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import types
 from dataclasses import dataclass, field
@@ -90,6 +91,8 @@ class TrainSection:
     lr_scheduler_type: str = setting("cosine", "cosine | linear | constant (after warm-up)")
     max_grad_norm: float = setting(1.0, "clip the gradient norm to this; 0 disables clipping")
     optim: str = setting("adamw_torch", "adamw_torch | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit")
+    loraplus_lr_ratio: float = setting(0.0, "LoRA+: the B matrices (and DoRA magnitudes, biases) learn at learning_rate x this "
+                                       "(peft's create_loraplus_optimizer; the paper uses 16); 0: off")
     bf16: bool = setting(True, "bf16 autocast for the forward and backward passes")
     gradient_checkpointing: bool = setting(False, "recompute activations in backward: less memory, ~30% slower")
     logging_steps: int = setting(10, "log every N optimizer steps")
@@ -141,6 +144,8 @@ def _coerce(value: Any, kind: Any, name: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
+        if str in kinds and isinstance(value, str):  # init_lora_weights: true | false | pissa | ...
+            return value
         raise ValueError(f"{name} must be true or false (got {value!r})")
     if kinds & {int, float}:
         if isinstance(value, bool):
@@ -158,6 +163,11 @@ def _coerce(value: Any, kind: Any, name: str) -> Any:
         if isinstance(value, (dict, list)):
             raise ValueError(f"{name} must be a string (got {value!r})")
         return "" if value is None else str(value)
+    if any(get_origin(k) is dict for k in kinds) and isinstance(value, str):  # --rank_pattern '{"q_proj": 4}'
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a mapping, as YAML or JSON (got {value!r}), e.g. '{{\"q_proj\": 4}}'") from None
     takes_list = any(get_origin(k) is list for k in kinds)
     if takes_list and isinstance(value, str) and "," in value:  # --target_modules q_proj,v_proj
         return [v.strip() for v in value.split(",") if v.strip()]
@@ -269,6 +279,8 @@ def validate(config: RunConfig) -> list[str]:
         found.append(f"warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
     if t.lr_scheduler_type not in ("cosine", "linear", "constant"):
         found.append(f"lr_scheduler_type must be cosine, linear or constant (got {t.lr_scheduler_type!r})")
+    if t.loraplus_lr_ratio < 0:
+        found.append(f"loraplus_lr_ratio must be >= 0 (got {t.loraplus_lr_ratio}); 0 turns LoRA+ off, the paper uses 16")
     if t.max_grad_norm < 0:
         found.append(f"max_grad_norm must be >= 0 (got {t.max_grad_norm})")
     if config.model.dtype not in DTYPES:

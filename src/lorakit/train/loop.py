@@ -31,7 +31,8 @@ from lorakit.train.config import TrainSection
 from lorakit.train.distributed import SINGLE_PROCESS, Replicas, plan_layout, resume_layout
 from lorakit.train.metrics import MetricsLog, plot_losses
 from lorakit.train.tensorboard import open_metrics
-from lorakit.train.optim import build_optimizer
+from lorakit.lora.conversion import CONVERTIBLE
+from lorakit.train.optim import build_optimizer, loraplus_groups
 from lorakit.train.schedule import lr_at, warmup_steps_for
 from lorakit.lora.model import unwrap_model
 from lorakit.train.step import CAUSAL_LM, Objective, checkpoint_kwargs, evaluate_loss, train_step, training_paths, useful_tokens
@@ -161,7 +162,8 @@ def train(
     log = log if main else _quiet
     count_labels = global_label_count or replicas.global_label_count
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg.optim, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    groups = loraplus_groups(model, cfg.loraplus_lr_ratio, cfg.weight_decay) if cfg.loraplus_lr_ratio else params
+    optimizer = build_optimizer(groups, cfg.optim, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     layout = plan_layout(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.global_batch_size, replicas.world_size)
     progress, resumed_from = Progress(), _resume_path(cfg)
     if resumed_from is not None:
@@ -171,6 +173,7 @@ def train(
     else:
         torch.manual_seed(cfg.seed)
     replicas.broadcast_parameters(params)
+    initial = _initial_adapter(model, output_dir, resumed_from, log) if main else None
     cfg = replace(cfg, gradient_accumulation_steps=layout.accumulation)
     data_cfg = replace(cfg, per_device_train_batch_size=layout.micro_batch_rows)  # global micro-batches
     steps = total_steps(len(train_rows), data_cfg)
@@ -200,7 +203,7 @@ def train(
                 started, step_rng = time.perf_counter(), torch.get_rng_state()
                 lr = lr_at(step, cfg.learning_rate, steps, state.warmup_steps, cfg.lr_scheduler_type)
                 for param_group in optimizer.param_groups:
-                    param_group["lr"] = lr
+                    param_group["lr"] = lr * param_group.get("lr_scale", 1.0)  # LoRA+'s B groups: lr x ratio
                 group = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
                 shards = [m._replace(batch=replicas.shard(m.batch)) for m in group]
                 loss = optimizer_step(model, optimizer, shards, cfg, objective, count_labels, replicas)
@@ -236,7 +239,7 @@ def train(
         if eval_rows:
             state.eval_loss = _evaluate(model, eval_rows, cfg, metrics, state.progress.step, objective, batcher, replicas)
         if main:
-            model.save_pretrained(output_dir / "adapter")
+            model.save_pretrained(output_dir / "adapter", path_initial_model_for_weight_conversion=initial)
             plot_losses(output_dir)
     losses = state.losses
     return TrainResult(state.progress.step, losses[-1] if losses else None, state.eval_loss,
@@ -265,6 +268,23 @@ class _NoMetrics:
 
 def _quiet(*_: object) -> None:
     pass
+
+
+def _initial_adapter(model, output_dir: Path, resumed_from: Path | None, log: Callable[[str], None]) -> Path | None:
+    """For PiSSA / OLoRA (which move part of W into the adapter), the adapter as initialised, saved once in
+    output_dir/initial_adapter, so the final adapter is written as plain LoRA of the original base
+    (lora/conversion.py); None for every other init, or when a resumed run lacks it."""
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    init = getattr(config, "init_lora_weights", True)
+    if not (isinstance(init, str) and init.startswith(CONVERTIBLE)):
+        return None
+    path = output_dir / "initial_adapter"
+    if resumed_from is None:
+        model.save_pretrained(path)
+    elif not (path / "adapter_model.safetensors").is_file():
+        log(f"no {path}: the {init} adapter is saved for the residual base, not converted to the original one")
+        return None
+    return path
 
 
 def _resume_path(cfg: TrainSection) -> Path | None:

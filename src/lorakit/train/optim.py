@@ -5,6 +5,11 @@
                      tensors under 4,096 elements keep fp32 moments, as in bitsandbytes)
   paged_adamw_8bit   the same with its state in CUDA unified memory, paged out to the host when the GPU
   paged_adamw_32bit  runs short; CUDA only, since paging between host and host is meaningless
+
+LoRA+ (Hayou et al. 2024, https://arxiv.org/abs/2402.12354): `loraplus_groups` puts the B matrices (and, as
+in peft's create_loraplus_optimizer, every trainable 1-D tensor: biases, DoRA magnitudes) in a group
+whose learning rate is `loraplus_lr_ratio` times the rest's. Each group carries that factor as
+`lr_scale`, so the schedule (train/loop.py) sets lr * lr_scale and the ratio holds at every step.
 """
 
 from __future__ import annotations
@@ -61,9 +66,44 @@ def build_optimizer(
     if not params:
         raise ConfigError(["no trainable parameters were given to the optimizer; did the adapter get added and set trainable?"], "optimizer")
     if name == "adamw_torch":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    bnb_class = getattr(import_bitsandbytes().optim, _BNB_CLASSES[name])
-    return bnb_class(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    else:
+        bnb_class = getattr(import_bitsandbytes().optim, _BNB_CLASSES[name])
+        optimizer = bnb_class(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    for group in optimizer.param_groups:  # a group's own learning rate factor (LoRA+), applied from the start
+        group["lr"] = lr * group.setdefault("lr_scale", 1.0)
+    return optimizer
+
+
+def loraplus_groups(model: torch.nn.Module, loraplus_lr_ratio: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """peft's create_loraplus_optimizer groups for `model`'s trainable parameters: A (and the rest) at
+    lr, B and 1-D tensors at lr * loraplus_lr_ratio; biases and norm weights without weight decay.
+
+    Raises:
+        ConfigError: the ratio is not a positive number.
+    """
+    if not loraplus_lr_ratio > 0:
+        raise ConfigError([f"loraplus_lr_ratio must be > 0 (got {loraplus_lr_ratio!r}); LoRA+'s paper uses 16"], "optimizer")
+    fast, fast_no_decay, rest = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if "lora_B" in name or param.ndim == 1:
+            # peft decays all but biases and LayerNorm weights (transformers' ALL_LAYERNORM_LAYERS)
+            (fast_no_decay if "bias" in name or _in_layer_norm(model, name) else fast).append(param)
+        else:
+            rest.append(param)
+    groups = [
+        {"params": rest, "lr_scale": 1.0, "weight_decay": weight_decay},
+        {"params": fast, "lr_scale": float(loraplus_lr_ratio), "weight_decay": weight_decay},
+        {"params": fast_no_decay, "lr_scale": float(loraplus_lr_ratio), "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _in_layer_norm(model: torch.nn.Module, name: str) -> bool:
+    owner = name.rpartition(".")[0]
+    return isinstance(model.get_submodule(owner) if owner else model, torch.nn.LayerNorm)
 
 
 def _first_device(params: list) -> torch.device | None:
