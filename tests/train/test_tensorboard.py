@@ -14,7 +14,14 @@ from lorakit.train.checkpoint import list_checkpoints
 from lorakit.train.config import load_run_config
 from lorakit.train.metrics import read_metrics
 from lorakit.train.tensorboard import open_metrics, tag
-from tests.train.test_loop import QUIET, _cfg, _model, _rows
+from tests.helpers import make_tiny_llama
+from tests.train.test_loop import QUIET, _cfg, _rows
+
+
+def tiny_lora():
+    from lorakit import LoraConfig, get_peft_model
+
+    return get_peft_model(make_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -44,7 +51,7 @@ def assert_same(events: dict, wanted: dict) -> None:
 
 def test_the_events_hold_every_scalar_of_metrics_jsonl(tmp_path) -> None:
     rows = _rows(8)
-    loop.train(_model(), rows, rows[:4], _cfg(tmp_path, max_steps=6, save_steps=0, eval_steps=3, report_to="tensorboard"), **QUIET)
+    loop.train(tiny_lora(), rows, rows[:4], _cfg(tmp_path, max_steps=6, save_steps=0, eval_steps=3, report_to="tensorboard"), **QUIET)
     events = scalars(tmp_path / "runs")
     assert {"train/loss", "train/lr", "train/tokens_seen", "train/tokens_per_second", "eval/loss", "eval/perplexity"} <= set(events)
     assert [s for s, _ in events["train/loss"]] == [1, 2, 3, 4, 5, 6] and [s for s, _ in events["eval/loss"]] == [3, 6]
@@ -52,7 +59,7 @@ def test_the_events_hold_every_scalar_of_metrics_jsonl(tmp_path) -> None:
 
 
 def test_none_writes_no_events(tmp_path) -> None:
-    loop.train(_model(), _rows(8), [], _cfg(tmp_path, max_steps=2, save_steps=0), **QUIET)
+    loop.train(tiny_lora(), _rows(8), [], _cfg(tmp_path, max_steps=2, save_steps=0), **QUIET)
     assert (tmp_path / "metrics.jsonl").is_file() and not (tmp_path / "runs").exists()
 
 
@@ -60,11 +67,11 @@ def test_a_resumed_run_hides_the_events_after_its_checkpoint(tmp_path) -> None:
     """Resumed from step 2 of a finished 6-step run: as metrics.jsonl drops the records after step 2,
     TensorBoard purges the old events of steps 3-6, leaving each step once, with the new run's values."""
     rows = _rows()
-    loop.train(_model(), rows, [], _cfg(tmp_path, save_steps=2, report_to="tensorboard"), **QUIET)
+    loop.train(tiny_lora(), rows, [], _cfg(tmp_path, save_steps=2, report_to="tensorboard"), **QUIET)
     assert [s for s, _ in scalars(tmp_path / "runs")["train/loss"]] == [1, 2, 3, 4, 5, 6]
     step_2 = list_checkpoints(tmp_path)[0]
     assert step_2.name.endswith("000002")
-    loop.train(_model(), rows, [], _cfg(tmp_path, save_steps=2, report_to="tensorboard", resume_from_checkpoint=str(step_2)), **QUIET)
+    loop.train(tiny_lora(), rows, [], _cfg(tmp_path, save_steps=2, report_to="tensorboard", resume_from_checkpoint=str(step_2)), **QUIET)
     events = scalars(tmp_path / "runs")
     assert [s for s, _ in events["train/loss"]] == [1, 2, 3, 4, 5, 6]
     assert_same(events, expected(tmp_path))

@@ -5,6 +5,7 @@
 
 const BASE = "__base__";
 const MIX = "__mix__";
+const FIRST_ADAPTER = "__first__";  // a picker's initial wish: the first loaded adapter (the base while there is none)
 const $ = (id) => document.getElementById(id);
 const state = { base: null, adapters: [], pickers: [], columns: [], chat: [], chatAbort: null, runTimer: null, runPath: null };
 
@@ -105,7 +106,7 @@ function makePicker(initial) {
   const add = element("button", { className: "secondary add-mix", textContent: "+ adapter" });
   const mix = element("div", { className: "mix hidden" }, [rows, add]);
   const root = element("div", { className: "picker" }, [select, mix]);
-  const picker = { root, select, wanted: initial };
+  const picker = { root, select, wanted: initial, touched: false };  // touched: the user chose, refreshes keep it
 
   function mixRow(name, weight) {
     const which = element("select", { className: "mix-adapter" });
@@ -120,7 +121,8 @@ function makePicker(initial) {
   add.onclick = () => mixRow(null, 1.0);
 
   picker.refresh = () => {
-    const keep = select.value || picker.wanted;
+    const first = state.adapters.length ? state.adapters[0].id : BASE;
+    const keep = picker.touched ? select.value : picker.wanted === FIRST_ADAPTER ? first : picker.wanted;
     select.replaceChildren(element("option", { value: BASE, textContent: `base (${state.base})` }));
     for (const adapter of state.adapters) select.append(element("option", { value: adapter.id, textContent: adapter.id }));
     select.append(element("option", { value: MIX, textContent: "weighted mix…" }));
@@ -133,6 +135,7 @@ function makePicker(initial) {
     }
     select.onchange();
   };
+  select.addEventListener("change", () => { picker.touched = true; });
   select.onchange = () => {
     mix.classList.toggle("hidden", select.value !== MIX);
     if (select.value === MIX && !rows.children.length) mixRow(state.adapters[0] && state.adapters[0].id, 1.0);
@@ -149,12 +152,6 @@ function makePicker(initial) {
     if (!Object.keys(adapters).length) throw new Error("add at least one adapter to the mix");
     const label = Object.entries(adapters).map(([n, w]) => `${w}·${n}`).join(" + ");
     return { body: { model: state.base, adapters }, label };
-  };
-  picker.setMix = (weights) => {  // for scripted use: {name: weight}
-    select.value = MIX;
-    rows.replaceChildren();
-    for (const [name, weight] of Object.entries(weights)) mixRow(name, weight);
-    select.onchange();
   };
   state.pickers.push(picker);
   if (state.base !== null) picker.refresh();
@@ -389,7 +386,7 @@ function start() {
   };
 
   addColumn(BASE);
-  addColumn(null);  // the first adapter, once the models are known (refresh picks the base when there is none)
+  addColumn(FIRST_ADAPTER);
   $("compare-add").onclick = () => addColumn(BASE);
   $("compare-run").onclick = runAll;
 
@@ -398,13 +395,7 @@ function start() {
   $("run-open").onclick = () => openRun($("run-path").value.trim() || $("run-select").value);
   $("run-select").onchange = () => { $("run-path").value = ""; openRun($("run-select").value); };
   $("run-live").onchange = () => { if ($("run-live").checked && state.runPath !== null) openRun(state.runPath); else clearTimeout(state.runTimer); };
-  refreshModels().then(() => {
-    const second = state.columns[1];
-    if (second && state.adapters.length && second.picker.select.value === BASE) {
-      second.picker.select.value = state.adapters[0].id;
-      second.picker.select.onchange();
-    }
-  });
+  refreshModels();
 }
 
 start();
