@@ -56,7 +56,7 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def page(server, browser):
+def page(browser, server):  # the browser first: without chromium, fail before starting a server
     browser.get(server + "/")
     wait_for(lambda: "401" in text(browser, "connection"), "the page to try /v1/models without a key")  # no key typed yet
     browser.find_element("id", "api-key").send_keys(KEY)
