@@ -26,7 +26,6 @@ FAMILIES = {
     "Qwen3MoeConfig": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1),
     "GptOssConfig": MOE,
 }
-ENGINE_FAMILIES = ["MixtralConfig", "Qwen3MoeConfig"]  # the engine refuses gpt-oss for now
 PROMPTS = ["hello there", "a", "the quick brown fox", "lorem ipsum", "xyz"]
 ROWS = ["a", "b", "__base__", {"a": 0.5, "b": 0.5}, "a"]
 
@@ -68,7 +67,7 @@ def greedy_alone(model, prompt: str, row, n: int) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("config_class", ENGINE_FAMILIES)
+@pytest.mark.parametrize("config_class", sorted(FAMILIES))
 def test_the_engine_gives_every_row_of_a_mixed_batch_its_expert_adapters(config_class: str) -> None:
     model = expert_lora_model(config_class)
     engine = Engine.from_model(model, ToyTokenizer(), max_len=64, max_batch=len(PROMPTS))
@@ -105,3 +104,16 @@ def test_expert_adapters_cannot_route_while_merged() -> None:
     model.merge_adapter()
     with pytest.raises(LorakitError, match="unmerge_adapter"):
         model(torch.tensor([[3, 4, 5]]), adapter_names=["a"])
+
+
+@pytest.mark.parametrize("config_class", ["MixtralConfig", "Qwen3MoeConfig"])
+def test_batch_invariant_mode_gives_identical_bf16_tokens_with_expert_adapters(config_class: str) -> None:
+    model = expert_lora_model(config_class).to(torch.bfloat16)
+    engine = Engine.from_model(model, ToyTokenizer(), max_len=64, max_batch=8, deterministic=True)
+    params = SamplingParams(max_tokens=8)
+    prompts, rows = PROMPTS + PROMPTS[:3], ROWS + ROWS[:3]
+    handles = [engine.submit(p, r, params) for p, r in zip(prompts, rows)]
+    together = [h.result().token_ids for h in handles]
+    alone = [engine.generate([p], [r], params)[0].token_ids for p, r in zip(prompts, rows)]
+    engine.close()
+    assert together == alone

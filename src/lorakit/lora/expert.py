@@ -24,6 +24,7 @@ per forward; no copy of the weights is kept between steps.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -166,12 +167,11 @@ class ParamLora(nn.Module):
         """transformers' call of the outermost wrapper: the real module's forward on adapted parameters."""
         routing = current_routing()
         chain = self.chain()
-        if routing is None or routing.base_only:
-            mix = None if routing is None else {}
-            return self._call(chain, mix, args, kwargs)
-        if any(layer.merged_adapters for layer in chain):
+        if routing is None:
+            return self._call(chain, None, args, kwargs)
+        if any(layer.merged_adapters for layer in chain):  # every row, "__base__" ones too, would see them
             raise LorakitError("per-row adapters cannot run while adapters are merged into the weights; call unmerge_adapter() first")
-        return _grouped_call(self, chain, routing, args, kwargs)
+        return self._call(chain, {}, args, kwargs) if routing.base_only else _grouped_call(self, chain, routing, args, kwargs)
 
     def _call(self, chain: list[ParamLora], mix: dict[str, float] | None, args: tuple, kwargs: dict) -> Any:
         """The real module on its parameters plus `mix` (None: each layer's active adapters)."""
@@ -222,17 +222,15 @@ def _grouped_call(layer: ParamLora, chain: list[ParamLora], routing: Routing, ar
     outputs = None
     for mix, rows in groups.items():
         index = (torch.tensor(rows, device=device)[:, None] * steps + torch.arange(steps, device=device)).flatten()
-        part = layer._call(chain, dict(mix), _take(args, index, tokens), {k: _take_one(v, index, tokens) for k, v in kwargs.items()})
+        part = layer._call(chain, dict(mix), tuple(_take(v, index, tokens) for v in args),
+                           {k: _take(v, index, tokens) for k, v in kwargs.items()})
         outputs = _scatter(outputs, part, index, tokens)
     return outputs
 
 
-def _take_one(value: Any, index: torch.Tensor, tokens: int) -> Any:
+def _take(value: Any, index: torch.Tensor, tokens: int) -> Any:
+    """A group's share of a per-token argument (router indices and weights too); anything else as it is."""
     return value[index] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == tokens else value
-
-
-def _take(values: tuple, index: torch.Tensor, tokens: int) -> tuple:
-    return tuple(_take_one(v, index, tokens) for v in values)
 
 
 def _scatter(outputs: Any, part: Any, index: torch.Tensor, tokens: int) -> Any:
@@ -302,14 +300,12 @@ def inject_parameters(model: nn.Module, config: LoraConfig, found: list[tuple[st
                       rank_alpha: Callable[[str], tuple[int, float]] | None = None, adapter_dtype: torch.dtype | None = None) -> None:
     """Wrap each (module path, parameter) in a ParamLora (reusing one already there) and add the adapter.
     `rank_alpha(key)` gives the (r, lora_alpha) of `path.param` (rank_pattern / alpha_pattern; default r, lora_alpha)."""
-    from lorakit.lora.inject import _set_child  # one way to replace a child module
-
     for path, param_name in found:
         module = model.get_submodule(path)
         layer = next((w for w in (module.chain() if isinstance(module, ParamLora) else []) if w.parameter_name == param_name), None)
         if layer is None:
             layer = ParamLora(module, param_name)
-            _set_child(model, path, layer)
+            model.set_submodule(path, layer)
         r, alpha = rank_alpha(f"{path}.{param_name}") if rank_alpha else (config.r, config.lora_alpha)
         layer.add_adapter(adapter_name, r, alpha, config.use_rslora, adapter_dtype)
 
@@ -350,9 +346,7 @@ def check_finite(model: nn.Module, adapter_names: list[str] | None) -> None:
 def unwrap_parameters(model: nn.Module, merge: bool, adapter_names: list[str] | None = None, dtype: torch.dtype | None = None) -> None:
     """Replace every ParamLora by the module it wraps; with `merge`, fold the active (or named) adapters
     into the parameters first (in fp32, stored in `dtype` or the parameter's own)."""
-    from lorakit.lora.inject import _set_child
-
-    for path, top in [(p, m) for p, m in model.named_modules() if isinstance(m, ParamLora) and not _inside_param_lora(model, p)]:
+    for path, top in _outermost(model):
         real = top.real_module
         for layer in top.chain():
             param = layer.parameter()
@@ -362,12 +356,13 @@ def unwrap_parameters(model: nn.Module, merge: bool, adapter_names: list[str] | 
                 layer.unmerge()
             if dtype is not None and merge:
                 param.data = param.data.to(dtype)
-        _set_child(model, path, real)
+        model.set_submodule(path, real)
 
 
-def _inside_param_lora(model: nn.Module, path: str) -> bool:
-    parent = path.rpartition(".")[0]
-    return bool(path) and path.endswith("base_layer") and isinstance(model.get_submodule(parent) if parent else model, ParamLora)
+def _outermost(model: nn.Module) -> list[tuple[str, ParamLora]]:
+    """(path, layer) of the ParamLora layers in the model itself, not nested in another ParamLora."""
+    nested = {id(inner) for m in param_layers(model) for inner in m.chain()[1:]}
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, ParamLora) and id(m) not in nested]
 
 
 def set_trainable(model: nn.Module, adapter_name: str, trainable: bool) -> None:
@@ -410,8 +405,6 @@ def _conversion_family(model: nn.Module) -> str | None:
 def with_all_linear_parameters(model: nn.Module, config: LoraConfig) -> LoraConfig:
     """`config` with "all-linear" already expanded to leaf names; on a fused-MoE family, its expert and router
     names moved to target_parameters and the fused projection's rank and alpha doubled, as peft does."""
-    from dataclasses import replace
-
     family = _conversion_family(model)
     if family is None:
         return config
@@ -425,20 +418,18 @@ def with_all_linear_parameters(model: nn.Module, config: LoraConfig) -> LoraConf
         else:
             parameters.add(old_names[old])
     pattern = rf".*\.{_FUSED}"
-    return replace(config, target_modules=sorted(set(modules)), target_parameters=sorted(parameters),
+    return dataclasses.replace(config, target_modules=sorted(set(modules)), target_parameters=sorted(parameters),
                    rank_pattern={**config.rank_pattern, pattern: 2 * config.r},
                    alpha_pattern={**config.alpha_pattern, pattern: 2 * config.lora_alpha})
 
 
 def drop_empty(model: nn.Module) -> None:
     """Take out every ParamLora left without adapters (a failed load), keeping the others nested in order."""
-    from lorakit.lora.inject import _set_child
-
-    for path, top in [(p, m) for p, m in model.named_modules() if isinstance(m, ParamLora) and not _inside_param_lora(model, p)]:
+    for path, top in _outermost(model):
         module: nn.Module = top.real_module
         for layer in reversed(top.chain()):  # innermost first
             if layer.lora_A:
                 layer.base_layer = module
                 module = layer
         if module is not top:
-            _set_child(model, path, module)
+            model.set_submodule(path, module)
