@@ -19,14 +19,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("config", nargs="?", help="YAML file with model / lora / data / train sections (or flat keys)")
     parser.epilog += ("\n\nprocesses:\n    --nproc N                      train on N local processes (torchrun --standalone "
                       "--nproc_per_node N -m lorakit train ...); for several machines run torchrun yourself (README)")
+    parser.epilog += ("\n\nfull fine-tuning:\n    --full                         train every weight instead of an adapter (= --finetune "
+                      "full); writes output_dir/model; --compare_with OUT_DIR prints it beside a LoRA run")
     parser.set_defaults(run=run)
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, str]:
-    """["--max_steps", "200", "--bf16=false"] -> {"max_steps": "200", "bf16": "false"}."""
+    """["--max_steps", "200", "--bf16=false", "--full"] -> {"max_steps": "200", "bf16": "false", "finetune": "full"}."""
     overrides, i = {}, 0
     while i < len(tokens):
         token = tokens[i]
+        if token == "--full":  # the one flag without a value: --finetune full
+            overrides["finetune"], i = "full", i + 1
+            continue
         if not token.startswith("--"):
             raise LorakitError(f"unexpected argument {token!r}; settings are given as --name value")
         name, eq, value = token[2:].partition("=")

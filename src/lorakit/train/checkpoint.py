@@ -1,4 +1,6 @@
 """Checkpoints that resume exactly: adapter (peft format), optimizer state, RNG and data position.
+A model that keeps its own weights (train/full.py's FullModel: save_checkpoint_weights and
+load_checkpoint_weights) writes them in place of the adapter.
 
 Everything is safetensors or JSON (never pickle), written to a temporary directory and renamed into
 place, so an interrupted save leaves the previous checkpoint intact."""
@@ -63,7 +65,10 @@ def prune_checkpoints(output_dir: str | Path, keep: int, protect: Path | None = 
 
 def save_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, progress: Progress, extra: dict[str, Any]) -> Path:
     with atomic_directory(directory) as staging:
-        model.save_pretrained(staging / "adapter")
+        if hasattr(model, "save_checkpoint_weights"):  # full fine-tuning: the whole model
+            model.save_checkpoint_weights(staging)
+        else:
+            model.save_pretrained(staging / "adapter")
         tensors, layout = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, str(staging / OPTIMIZER_FILE))
         save_file({"torch": torch.get_rng_state()}, str(staging / RNG_FILE))
@@ -79,7 +84,10 @@ def load_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, ad
     if not (directory / STATE_FILE).is_file():
         raise LorakitError(f"{directory} is not a lorakit checkpoint (no {STATE_FILE}); pass a directory under {CHECKPOINTS}/ or 'latest'")
     state = json.loads((directory / STATE_FILE).read_text())
-    load_adapter_weights(model.model, read_adapter_weights(directory / "adapter"), adapter_name)
+    if hasattr(model, "load_checkpoint_weights"):
+        model.load_checkpoint_weights(directory)
+    else:
+        load_adapter_weights(model.model, read_adapter_weights(directory / "adapter"), adapter_name)
     optimizer.load_state_dict(_unflatten_optimizer(load_file(str(directory / OPTIMIZER_FILE)), state["optimizer_layout"]))
     torch.set_rng_state(load_file(str(directory / RNG_FILE))["torch"])
     version, internal, gauss = state["python_rng"]

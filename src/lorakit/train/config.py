@@ -105,6 +105,9 @@ class TrainSection:
     report_to: str = setting("none", "none | tensorboard: also write metrics.jsonl's scalars as TensorBoard events in "
                              "output_dir/runs (needs pip install tensorboard)")
     compare_base: bool = setting(True, "for the shipped task: score the base model and the adapter on held-out examples")
+    finetune: str = setting("lora", "lora | full: train an adapter, or every weight of the base as a baseline (fp32 master "
+                            "weights; writes a transformers model directory in output_dir/model; `lorakit train --full`)")
+    compare_with: str = setting("", "a finished run's output_dir: print this run's memory, time and quality beside its summary.json")
 
 
 SECTIONS: dict[str, type] = {"model": ModelSection, "quant": QuantConfig, "lora": LoraConfig, "data": DataSection, "train": TrainSection}
@@ -286,6 +289,11 @@ def validate(config: RunConfig) -> list[str]:
     if config.model.dtype not in DTYPES:
         found.append(f"model dtype must be one of {', '.join(DTYPES)} (got {config.model.dtype!r})")
     found += optimizer_problems(t.optim)
+    if t.compare_with and not (Path(t.compare_with) / "summary.json").is_file():
+        found.append(f"compare_with {t.compare_with!r} has no summary.json; point it at a finished run's output_dir")
+    from lorakit.train.full import full_problems  # here: train/full.py runs training, which imports this module
+
+    found += full_problems(config, RunConfig().lora)
     found += report_to_problems(t.report_to)
     return found
 

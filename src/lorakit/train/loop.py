@@ -46,6 +46,7 @@ class TrainResult:
     tokens_per_second: float
     interrupted: bool = False
     losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0  # spent in this run's optimizer steps (eval and checkpoints excluded)
 
 
 @dataclass
@@ -148,11 +149,13 @@ def train(
     on_step: Callable[[TrainState], None] | None = None,
     batcher: Batcher = batches,
     replicas: Replicas = SINGLE_PROCESS,
+    save_final: bool = True,
 ) -> TrainResult:
     """Train the active adapter of `model` (a LoraModel) on packed rows; the adapter ends up in
     `cfg.output_dir/adapter`. `on_step(state)` runs after every optimizer step (a KeyboardInterrupt raised
     there stops the run as Ctrl-C does: a checkpoint of that step, no final adapter). `batcher` turns the
     rows into an epoch's batches (default: packed rows; classification passes length-grouped padded batches).
+    `save_final=False` leaves the final save to the caller (full fine-tuning writes a model directory).
 
     Under data parallelism (`replicas`, see train/distributed.py) every rank calls this with the same rows:
     the stream is of global micro-batches (world_size x per_device_train_batch_size rows), each rank trains
@@ -239,11 +242,12 @@ def train(
         if eval_rows:
             state.eval_loss = _evaluate(model, eval_rows, cfg, metrics, state.progress.step, objective, batcher, replicas)
         if main:
-            model.save_pretrained(output_dir / "adapter", path_initial_model_for_weight_conversion=initial)
+            if save_final:
+                model.save_pretrained(output_dir / "adapter", path_initial_model_for_weight_conversion=initial)
             plot_losses(output_dir)
     losses = state.losses
     return TrainResult(state.progress.step, losses[-1] if losses else None, state.eval_loss,
-                       state.tokens / state.seconds if state.seconds else 0.0, interrupted, losses)
+                       state.tokens / state.seconds if state.seconds else 0.0, interrupted, losses, state.seconds)
 
 
 def _evaluate(model, eval_rows, cfg: TrainSection, metrics: MetricsLog, step: int, objective: Objective, batcher: Batcher = batches,

@@ -27,7 +27,7 @@ from lorakit.quant.record import write_quant_record
 from lorakit.train.config import RunConfig
 from lorakit.train.distributed import init_distributed, shard_base
 from lorakit.train.loop import train
-from lorakit.train.outputs import check_output_dir, write_run_config, write_summary
+from lorakit.train.outputs import check_output_dir, run_figures, write_run_config, write_summary
 from lorakit.train.step import evaluate_loss
 
 
@@ -80,6 +80,10 @@ def run_training(config: RunConfig, log=print) -> dict:
     train_rows, pack_stats = pack(train_examples, d.max_seq_len, pad, seed=config.train.seed) if d.packing else pad_rows(train_examples, d.max_seq_len, pad)
     eval_rows = pack(eval_examples, d.max_seq_len, pad, seed=0)[0] if eval_examples else []
     log(f"data: {len(train_examples)} train / {len(eval_examples)} eval examples; {pack_stats}")
+    if config.train.finetune == "full":  # every weight trained, not an adapter: same rows, same loop
+        from lorakit.train.full import run_full  # here: full.py imports this module
+
+        return run_full(config, data, tokenizer, train_rows, eval_rows, replicas, output_dir, log)
 
     model = load_base_model(config, replicas.device)
     torch.manual_seed(config.train.seed)
@@ -97,7 +101,9 @@ def run_training(config: RunConfig, log=print) -> dict:
     result = train(peft_model, train_rows, eval_rows, config.train, log=log, replicas=replicas)
     if not result.interrupted and replicas.is_main:
         write_quant_record(output_dir / "adapter", config.quant)
-    summary.update(steps=result.steps, tokens_per_second=round(result.tokens_per_second, 1), adapter=str(output_dir / "adapter"))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    summary.update(finetune="lora", trainable_parameters=trainable, steps=result.steps,
+                   tokens_per_second=round(result.tokens_per_second, 1), adapter=str(output_dir / "adapter"))
     if result.interrupted or not replicas.is_main:
         return summary
     sharded = config.train.fsdp and replicas.distributed
@@ -109,7 +115,8 @@ def run_training(config: RunConfig, log=print) -> dict:
     elif result.eval_loss is not None:
         summary["eval_loss"] = result.eval_loss
         log(f"eval loss {result.eval_loss:.4f} (perplexity {math.exp(min(result.eval_loss, 50)):.2f})")
-    return write_summary(output_dir, summary, result, log)
+    summary.update(run_figures(result, output_dir / "adapter"))
+    return write_summary(output_dir, summary, result, log, config.train.compare_with)
 
 
 def load_base_model(config: RunConfig, device: torch.device | str = "cpu"):
@@ -137,8 +144,8 @@ def score(model, tokenizer, data: PreparedData, eval_rows, config: RunConfig) ->
             {"exact_match": adapter.exact_match, "eval_loss": adapter_loss})
 
 
-def before_after_table(before: dict, after: dict) -> str:
-    rows = [("", "base model", "with adapter"),
+def before_after_table(before: dict, after: dict, after_label: str = "with adapter") -> str:
+    rows = [("", "base model", after_label),
             ("exact match", f"{before['exact_match']:.1%}", f"{after['exact_match']:.1%}"),
             ("eval loss", f"{before['eval_loss']:.4f}", f"{after['eval_loss']:.4f}")]
     return "\n".join(f"  {a:<12} {b:>12} {c:>14}" for a, b, c in rows)
