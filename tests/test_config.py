@@ -89,7 +89,7 @@ def test_unknown_keys_from_newer_peft_are_ignored() -> None:
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("lora_bias", True), ("layers_to_transform", [0]), ("target_parameters", ["experts.weight"]), ("trainable_token_indices", [1, 2])],
+    [("lora_bias", True), ("layers_to_transform", [0]), ("trainable_token_indices", [1, 2])],
 )
 def test_features_that_change_the_weights_meaning_are_refused(key: str, value: object) -> None:
     data = LoraConfig(target_modules=["q_proj"]).to_peft_dict()

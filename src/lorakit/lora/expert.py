@@ -281,6 +281,8 @@ def parameter_targets(model: nn.Module, targets: list[str]) -> list[tuple[str, s
 
 def check_parameter_targets(model: nn.Module, config: LoraConfig, found: list[tuple[str, str]], module_paths: list[str]) -> None:
     """Everything that would make injecting these parameters fail, checked before anything changes."""
+    if not found:
+        return
     problems = []
     if config.lora_dropout:
         problems.append(f"lora_dropout must be 0 with target_parameters (got {config.lora_dropout}); dropout cannot act inside a parameter")
