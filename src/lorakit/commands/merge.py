@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorakit.errors import LorakitError
+from lorakit.export.gguf_model import MODEL_TYPES
+from lorakit.export.merged import merge_to_gguf
 from lorakit.lora.peft_format import read_adapter_config
 from lorakit.merge import merge_to_directory
 
@@ -17,6 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype of the merged weights (default bf16); a quantized base is dequantized, never silently re-quantized")
     parser.add_argument("--quantization", default=None, help="how the base was quantized in training (default: what training recorded beside the adapter)")
     parser.add_argument("--requantize", default=None, choices=["nf4", "fp4", "int8"], help="write a quantized merged model and report the logit error that introduces")
+    parser.add_argument("--gguf", default=None, choices=list(MODEL_TYPES), help="write one GGUF file for llama.cpp / Ollama at --output instead of a directory, its weights in this type (Llama-family bases)")
     parser.set_defaults(run=run)
 
 
@@ -30,8 +34,13 @@ def base_for(adapter: str, model: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = merge_to_directory(base_for(args.adapter, args.model), args.adapter, args.output, dtype=args.dtype,
-                                quantization=args.quantization, requantize=args.requantize)
+    if args.gguf is not None:
+        if args.requantize is not None:
+            raise LorakitError("--gguf and --requantize both choose how the merged weights are stored; give one of them")
+        report = merge_to_gguf(base_for(args.adapter, args.model), args.adapter, args.output, args.gguf, args.quantization)
+    else:
+        report = merge_to_directory(base_for(args.adapter, args.model), args.adapter, args.output, dtype=args.dtype,
+                                    quantization=args.quantization, requantize=args.requantize)
     for line in report.lines():
         print(line)
     return 0
