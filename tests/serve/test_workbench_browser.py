@@ -125,6 +125,25 @@ def test_a_chat_streams_the_adapters_answer(page, server) -> None:
     screenshot(page, "workbench-chat.png")
 
 
+def test_stop_ends_a_chat_and_frees_its_slot(page, server) -> None:
+    fill(page, "chat-max-tokens", "400")
+    fill(page, "chat-input", "Write a long story.")
+    page.find_element("id", "chat-send").click()
+    answers = lambda: page.find_elements("css selector", "#chat-log .message.assistant .text")  # noqa: E731
+    wait_for(lambda: len(answers()) == 2 and answers()[-1].get_attribute("textContent"), "the answer to start")
+    page.find_element("id", "chat-stop").click()
+    wait_for(lambda: text(page, "chat-status") == "stopped", "the page to stop")
+    assert page.find_element("id", "chat-send").is_enabled() and not page.find_element("id", "chat-stop").is_enabled()
+    wait_for(lambda: running_requests(server) == 0, "the server to free the stopped request's slot", timeout=20)
+    page.find_element("id", "chat-clear").click()
+    assert not page.find_elements("css selector", "#chat-log .message")
+
+
+def running_requests(server: str) -> float:
+    lines = call(server, "GET", "/metrics").text.splitlines()
+    return next(float(line.split()[-1]) for line in lines if line.startswith("lorakit_requests_running"))
+
+
 def test_one_prompt_answered_side_by_side_in_one_batch(page, server) -> None:
     tab(page, "compare")
     columns = page.find_elements("css selector", "#compare-columns .column")
@@ -142,8 +161,7 @@ def test_one_prompt_answered_side_by_side_in_one_batch(page, server) -> None:
 
     def watch() -> None:  # the server's running batch while the columns stream
         while not stop.is_set():
-            lines = call(server, "GET", "/metrics").text.splitlines()
-            running.extend(float(line.split()[-1]) for line in lines if line.startswith("lorakit_requests_running"))
+            running.append(running_requests(server))
             time.sleep(0.02)
 
     watcher = threading.Thread(target=watch)
