@@ -170,6 +170,7 @@ def test_a_lora_checkpoint_is_refused_by_a_full_run(runs, base_dir, tmp_path, ca
     (["--use_dora", "true"], "use_dora configures a LoRA adapter"),
     (["--task_type", "SEQ_CLS"], "causal LMs only"),
     (["--fsdp", "true"], "drop fsdp"),
+    (["--nproc", "2"], "drop --nproc"),
 ])
 def test_combinations_that_make_no_sense_exit_2_with_one_line_and_write_nothing(base_dir, tmp_path, capsys, extra, says):
     out = tmp_path / "out"

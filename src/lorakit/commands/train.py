@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     if nproc is not None:  # `--nproc N`: torchrun runs this same command on N local processes
         if not nproc.isdigit() or int(nproc) < 1:
             raise LorakitError(f"--nproc must be a whole number >= 1 (got {nproc!r})")
+        if config.train.finetune == "full":
+            raise LorakitError("--full runs in one process (its gradients are the whole model); drop --nproc")
         rest = [t for i, t in enumerate(args.overrides) if not _is_nproc(args.overrides, i)]
         return launch(int(nproc), ["train", *([args.config] if args.config else []), *rest])
     with leaving_process_group():
