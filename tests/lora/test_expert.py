@@ -202,6 +202,9 @@ def test_lorakit_train_adapts_the_experts_and_peft_loads_the_result(tmp_path: Pa
     torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), atol=1e-5, rtol=1e-5)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in records if "loss" in r]) == 4
+    # `lorakit merge` folds the experts' adapters in: a plain transformers model with the adapter's logits
+    assert main(["merge", str(out / "adapter"), "--output", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+    torch.testing.assert_close(logits(base_model_from(tmp_path / "merged"), ids), logits(ours, ids), atol=1e-5, rtol=1e-5)
 
 
 def base_model_from(directory: Path):
