@@ -133,3 +133,25 @@ def test_seq_cls_defaults_apply_unless_set():
     assert config.lora.target_modules == ["query", "value", "q_proj", "v_proj"] and config.lora.r == 8
     assert config.train.learning_rate == 5e-4 and config.train.per_device_train_batch_size == 16
     assert load_run_config(None, {}).lora.r == 16  # the causal defaults are untouched
+
+
+def test_adapter_methods_from_yaml_and_the_command_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("lora:\n  use_dora: true\n  rank_pattern: {down_proj: 32}\n  alpha_pattern: {down_proj: 64}\n"
+                    "train:\n  loraplus_lr_ratio: 16\n")
+    config = load_run_config(path, {"init_lora_weights": "pissa_niter_4", "rank_pattern": '{"q_proj": 4}'})
+    assert (config.lora.use_dora, config.lora.rank_pattern, config.lora.alpha_pattern) == (True, {"q_proj": 4}, {"down_proj": 64})
+    assert (config.lora.init_lora_weights, config.train.loraplus_lr_ratio) == ("pissa_niter_4", 16.0)
+    assert load_run_config(None, {"init_lora_weights": "false"}).lora.init_lora_weights is False
+    with pytest.raises(ConfigError) as caught:
+        load_run_config(None, {"init_lora_weights": "corda", "rank_pattern": "q_proj=4", "loraplus_lr_ratio": -1})
+    assert len(caught.value.problems) == 3 and "rank_pattern must be a mapping" in str(caught.value)
+
+
+def test_adapter_method_settings_survive_the_written_config(tmp_path):
+    import yaml
+
+    config = load_run_config(None, {"use_dora": True, "rank_pattern": '{"v_proj": 2}', "loraplus_lr_ratio": 4})
+    path = tmp_path / "again.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    assert load_run_config(path) == config
