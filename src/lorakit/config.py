@@ -15,8 +15,9 @@ BIAS_MODES = ("none", "all", "lora_only")
 UNSUPPORTED_PEFT_KEYS = (
     "lora_bias", "layers_to_transform", "layer_replication", "trainable_token_indices",
 )
-INIT_METHODS = ("gaussian", "pissa", "pissa_niter_N", "olora", "loftq", "eva")
-"""peft's init_lora_weights strings lorakit runs (besides True and False); lora/init.py does each."""
+INIT_METHODS = ("gaussian", "pissa", "pissa_niter_N", "olora", "loftq")
+"""peft's init_lora_weights strings lorakit runs (besides True and False); lora/init.py does each. Not yet:
+"eva" (needs a data pass over the train set), "corda", "lora_ga", "orthogonal", "mica"."""
 
 
 class TaskType(str, enum.Enum):
@@ -69,7 +70,7 @@ class LoraConfig:
     init_lora_weights: bool | str = setting(
         True, "true (A Kaiming, B zero) | false (both random: not a no-op) | gaussian | pissa | pissa_niter_N | olora "
         "(pissa / olora move the top of W into the adapter and leave the residual in the base) | loftq (needs "
-        "loftq_config) | eva (A from the first batches' activations)")
+        "loftq_config)")
     rank_pattern: dict[str, int] = setting({}, "per-layer ranks: {regex: r}, a key matching the end of a module path (peft's rule)")
     alpha_pattern: dict[str, float] = setting({}, "per-layer lora_alpha: {regex: alpha}, matched like rank_pattern")
     loftq_config: dict[str, int] = setting({}, "for init_lora_weights loftq: {loftq_bits: 4, loftq_iter: 1}")

@@ -135,6 +135,14 @@ def test_pissa_on_a_quantized_base_is_refused_in_one_line(tmp_path):
     base = lorakit.load_model(tmp_path / "base", quantization="nf4")
     with pytest.raises(LorakitError, match="rewrites the base weights, which cannot be done on a quantized base"):
         lorakit.get_peft_model(base, lorakit.LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa"))
+    assert type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"  # refused before any layer changed
+
+
+def test_olora_on_a_non_square_conv1d_is_refused_before_anything_changes():
+    model = make_tiny_gpt2()
+    with pytest.raises(ConfigError, match="'olora' cannot start a 64 -> 192 Conv1D layer"):
+        lorakit.get_peft_model(model, lorakit.LoraConfig(target_modules=["c_proj", "c_attn"], init_lora_weights="olora"))
+    assert not any(type(m).__name__ == "LoraLinear" for m in model.modules())
 
 
 @pytest.mark.parametrize("iterations", [1, 3])

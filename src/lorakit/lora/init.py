@@ -10,8 +10,9 @@
   "loftq"         W replaced by its 4-bit NF4 (or 8-bit) quantization, A, B the rank-r SVD of what that
                   loses, alternated loftq_iter times (LoftQ): the base then quantizes without that error
 
-Each is one small function in METHODS (no string `elif` chain); every one computes in fp32 and reproduces
-peft 0.21's numbers for the same seed, so peft and lorakit start from the same adapter. PiSSA, OLoRA and
+Each is one small function in METHODS (no string `elif` chain); each computes in fp32 and reproduces
+peft 0.21's numbers for the same seed, so peft and lorakit start from the same adapter (LoftQ: peft's
+algorithm, whose own code needs a GPU; tests check it against peft's parts). PiSSA, OLoRA and
 LoftQ change the base weight: such an adapter only means something on that changed base, which is why
 peft_format.py can convert it back to an adapter of the original base (peft's
 path_initial_model_for_weight_conversion).
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.lora.base_layer import is_conv1d, layer_shape
 from lorakit.weights.kinds import is_quantized
 
 if TYPE_CHECKING:  # layer.py imports this module late (inside add_adapter): the type only
@@ -39,18 +41,32 @@ def mutates_base(init: bool | str) -> bool:
     return isinstance(init, str) and init.startswith(MUTATES_BASE)
 
 
+def init_problem(base_layer: nn.Module, init: bool | str) -> str | None:
+    """Why `init` cannot start an adapter on `base_layer` (None if it can): checked on every target
+    before the first layer changes (lora/inject.py), so a refusal never leaves a model half-initialised."""
+    if mutates_base(init) and is_quantized(base_layer.weight):
+        return (f"init_lora_weights {init!r} rewrites the base weights, which cannot be done on a quantized "
+                "base; load the base unquantized for it (and quantize the result afterwards)")
+    in_features, out_features = layer_shape(base_layer)
+    if init == "olora" and is_conv1d(base_layer) and in_features != out_features:
+        # peft's QR is of the weight as stored, (in, out) for Conv1D: non-square, the factors get the wrong shapes
+        return (f"init_lora_weights 'olora' cannot start a {in_features} -> {out_features} Conv1D layer (peft's "
+                "QR of its (in, out) weight has the wrong shapes); use pissa, or target other layers")
+    return None
+
+
 def initialise(layer: LoraLinear, name: str, init: bool | str, loftq_config: dict) -> None:
     """Set adapter `name`'s A and B (and, for PiSSA / OLoRA / LoftQ, the base weight) as `init` says.
 
     Raises:
-        LorakitError: a method that rewrites the base weight on a quantized layer (quantize after it instead).
+        LorakitError: init_problem's reasons (inject_adapter checks them first).
     """
     if init is False:
         return
     method = "pissa_niter" if isinstance(init, str) and init.startswith("pissa_niter_") else ("true" if init is True else init)
-    if mutates_base(init) and is_quantized(layer.base_layer.weight):
-        raise LorakitError(f"init_lora_weights {init!r} rewrites the base weights, which cannot be done on a quantized "
-                           "base; load the base unquantized for it (and quantize the result afterwards)")
+    problem = init_problem(layer.base_layer, init)
+    if problem:
+        raise LorakitError(problem)
     with torch.no_grad():
         METHODS[method](layer, name, init, loftq_config)
 
@@ -62,11 +78,6 @@ def _kaiming(layer: LoraLinear, name: str, init: bool | str, loftq_config: dict)
 
 def _gaussian(layer: LoraLinear, name: str, init: bool | str, loftq_config: dict) -> None:
     nn.init.normal_(layer.lora_A[name].weight, std=1 / layer.lora_A[name].weight.shape[0])
-    nn.init.zeros_(layer.lora_B[name].weight)
-
-
-def _eva(layer: LoraLinear, name: str, init: bool | str, loftq_config: dict) -> None:
-    """B zero, as peft does before EVA's data pass replaces A (lora/eva.py); A keeps its random init."""
     nn.init.zeros_(layer.lora_B[name].weight)
 
 
@@ -118,5 +129,5 @@ def _set_factors(layer: LoraLinear, name: str, lora_a: torch.Tensor, lora_b: tor
 
 METHODS: dict[str, Callable[[LoraLinear, str, bool | str, dict], None]] = {
     "true": _kaiming, "gaussian": _gaussian, "pissa": _pissa, "pissa_niter": _pissa, "olora": _olora,
-    "loftq": _loftq, "eva": _eva,
+    "loftq": _loftq,
 }

@@ -9,9 +9,9 @@ from lorakit.config import LoraConfig, replace
 from lorakit.errors import ConfigError
 from lorakit.lora import expert
 from lorakit.lora.base_layer import parameter_count
-from lorakit.lora.init import mutates_base
+from lorakit.lora.init import init_problem, mutates_base
 from lorakit.lora.layer import LoraLinear, ModulesToSave
-from lorakit.lora.targets import ALL_LINEAR, find_targets, inside_lora_layer, is_linear_like, name_matches, resolve_all_linear
+from lorakit.lora.targets import ALL_LINEAR, find_targets, inside_lora_layer, is_linear_like, module_to_save_matches, name_matches, resolve_all_linear
 
 
 def _set_child(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -70,7 +70,12 @@ def _check_adaptable(model: nn.Module, paths: list[str]) -> None:
 
 def _check_base_kept(model: nn.Module, paths: list[str], config: LoraConfig) -> None:
     """PiSSA / OLoRA / LoftQ rewrite the base weights; on a layer that other adapters already use, that would
-    silently change what every one of them computes (peft lets it happen)."""
+    silently change what every one of them computes (peft lets it happen). Also every layer's init_problem."""
+    for path in paths:
+        module = model.get_submodule(path)
+        problem = init_problem(module.base_layer if isinstance(module, LoraLinear) else module, config.init_lora_weights)
+        if problem:
+            raise ConfigError([problem], "LoraConfig")
     if not mutates_base(config.init_lora_weights):
         return
     shared = [p for p in paths if isinstance(m := model.get_submodule(p), LoraLinear) and m.lora_A]
@@ -84,7 +89,7 @@ def _modules_to_save_paths(model: nn.Module, config: LoraConfig) -> list[str]:
     """Paths of the modules trained in full, already-wrapped ones included; empty when none are asked for."""
     if not config.modules_to_save:
         return []
-    paths = [n for n, _ in model.named_modules() if n and not inside_lora_layer(n) and name_matches(config.modules_to_save, n)]
+    paths = [n for n, _ in model.named_modules() if n and not inside_lora_layer(n) and module_to_save_matches(config.modules_to_save, n)]
     if not paths:
         raise ConfigError([f"modules_to_save {config.modules_to_save!r} match no module of the model"], "LoraConfig")
     return paths
