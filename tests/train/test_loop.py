@@ -139,3 +139,42 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
     plain = loop.train(_model(), rows, [], _cfg(tmp_path / "a", max_steps=3, save_steps=0), **QUIET)
     checkpointed = loop.train(_model(), rows, [], _cfg(tmp_path / "b", max_steps=3, save_steps=0, gradient_checkpointing=True), **QUIET)
     assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+def _method_model(**config):
+    values = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **config)
+    torch.manual_seed(0)
+    return get_peft_model(make_tiny_llama(), LoraConfig(**values))
+
+
+def test_dora_with_loraplus_trains_and_resumes_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    rows, settings = _rows(), dict(loraplus_lr_ratio=8.0, save_steps=0)
+    model = _method_model(use_dora=True)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if "magnitude" in n}
+    full = loop.train(model, rows, [], _cfg(tmp_path / "full", **settings), **QUIET)
+    assert full.losses[-1] < full.losses[0]
+    assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters() if "magnitude" in n)
+    loop.train(_method_model(use_dora=True), rows, [], _cfg(tmp_path / "cut", **settings), on_step=_stop_after(3), **QUIET)
+    resumed = loop.train(_method_model(use_dora=True), rows, [], _cfg(tmp_path / "cut", resume_from_checkpoint="latest", **settings), **QUIET)
+    assert resumed.losses == full.losses[3:]
+    files = [load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("full", "cut")]
+    assert any(k.endswith("lora_magnitude_vector") for k in files[0])
+    for key, value in files[0].items():
+        assert torch.equal(files[1][key], value), key
+
+
+def test_a_pissa_run_writes_plain_lora_of_the_original_base(tmp_path):
+    import peft
+
+    model = _method_model(init_lora_weights="pissa")
+    loop.train(model, _rows(), [], _cfg(tmp_path, save_steps=0), **QUIET)
+    assert (tmp_path / "initial_adapter" / "adapter_model.safetensors").is_file()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        expected = model(ids).logits  # the residual base with the trained adapter
+        in_peft = peft.PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "adapter")
+        assert in_peft.peft_config["default"].r == 8 and in_peft.peft_config["default"].init_lora_weights is True
+        torch.testing.assert_close(in_peft(ids).logits, expected, atol=1e-5, rtol=1e-5)
