@@ -185,6 +185,18 @@ def test_per_row_adapters_refuse_dora_in_one_line():
         ours(IDS, adapter_names=["default", "__base__"])
 
 
+def test_rows_on_other_adapters_run_while_a_dora_adapter_is_loaded():
+    _, ours = trained(*pair())
+    ours.add_adapter("plain", lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    randomize_lora_b(ours, 9)
+    ours.eval()
+    together = ours(IDS, adapter_names=["plain", "__base__"]).logits.detach()
+    ours.set_adapter("plain")
+    torch.testing.assert_close(together[0], logits(ours)[0], atol=1e-5, rtol=1e-5)
+    with ours.disable_adapter():
+        torch.testing.assert_close(together[1], logits(ours)[1], atol=1e-5, rtol=1e-5)
+
+
 def test_gpt2_conv1d_equals_peft_and_merges():
     theirs, ours = trained(*pair(make_tiny_gpt2(), target_modules=["c_attn", "c_proj"], fan_in_fan_out=True))
     ours.eval(), theirs.eval()

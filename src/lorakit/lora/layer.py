@@ -266,10 +266,7 @@ class LoraLinear(nn.Module):
         (out, S*R); each slot zero-padded to the table's rank R, zero for adapters this layer lacks.
         Rebuilt only when the table or an adapter's weights change."""
         table = routing.table
-        dora_names = [n for n in table.slot_of if self.is_dora(n)]
-        if dora_names:
-            raise LorakitError(f"adapter {dora_names[0]!r} uses DoRA, which per-row adapter batches do not run yet; "
-                               "use it as the active adapter (set_adapter) or merge it (merge_and_unload)")
+        self._refuse_dora_rows(routing)
         key = (table.version, table.weights_version, dtype, device)
         cached = getattr(self, "_bank", None)
         if cached is not None and cached[0] == key:
@@ -278,13 +275,24 @@ class LoraLinear(nn.Module):
         a_bank = torch.zeros(count, width, self.in_features, dtype=dtype, device=device)
         b_bank = torch.zeros(self.out_features, count, width, dtype=dtype, device=device)
         for name, slot in table.slot_of.items():
-            if name in self.lora_A:
+            if name in self.lora_A and not self.is_dora(name):  # a DoRA slot stays zero: no row may use it
                 r = self.lora_A[name].weight.shape[0]
                 a_bank[slot - 1, :r] = self.lora_A[name].weight.to(dtype)
                 b_bank[:, slot - 1, :r] = (self.lora_B[name].weight.float() * self.scaling[name]).to(dtype)
         banks = (a_bank.view(count * width, self.in_features), b_bank.view(self.out_features, count * width))
         self._bank = (key, banks)
         return banks
+
+    def _refuse_dora_rows(self, routing: Routing) -> None:
+        """Rows on a DoRA adapter are refused in one line (its magnitude rescale is not in the banks yet);
+        other rows of the batch, and batches without such rows, run as usual."""
+        dora_slots = {slot: name for name, slot in routing.table.slot_of.items() if self.is_dora(name)}
+        if not dora_slots:
+            return
+        used = set(routing.slots.unique().tolist()) & set(dora_slots)
+        if used:
+            raise LorakitError(f"adapter {dora_slots[min(used)]!r} uses DoRA, which per-row adapter batches do not run yet; "
+                               "use it as the model's active adapter, or merge it (merge_and_unload) into a base of its own")
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={list(self.lora_A)}, active={self.active_adapters}"
