@@ -72,7 +72,8 @@ def _packed_rows(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     # An fp32 model under bf16 autocast gives fp32 q and k (its rotary cos / sin are fp32) beside a bf16 v;
     # SDPA would cast all three to the autocast dtype, and the kernel needs them alike, so do the same.
     device = query.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else value.dtype
+    autocasting = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # not on "meta"
+    dtype = torch.get_autocast_dtype(device) if autocasting else value.dtype
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     # unbind/split rather than slicing: their backward is one stack/cat, where every slice's backward
     # would allocate and fill a zero tensor of the whole input.
