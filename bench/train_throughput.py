@@ -7,6 +7,7 @@ the ratios, plus the share of this CPU's bf16 matmul peak that lorakit's trainin
 
     .venv/bin/python bench/train_throughput.py            # all configurations twice, ~8 minutes idle
     .venv/bin/python bench/train_throughput.py --steps 3 --only c d --repeats 3
+    .venv/bin/python bench/train_throughput.py --only e f     # DoRA, lorakit against peft (issue 22: >= 1.5x)
 Run it on an otherwise idle machine: two benchmarks at once on 2 cores slow each other by up to 6x.
 Even idle, this VM's speed drifts by 20-40% over minutes, so the configurations run round-robin
 `--repeats` times and each reports its best run (peak RSS: its largest).
@@ -29,7 +30,11 @@ CONFIGS = {
     "b": "peft, bf16, padded to the longest",
     "c": "peft at its best: bf16, SDPA, rows packed full",
     "d": "lorakit defaults",
+    "e": "peft at its best (as c) with DoRA",
+    "f": "lorakit defaults with DoRA",
 }
+DORA = {"e": "c", "f": "d"}
+"""The DoRA configurations and the plain one each mirrors (same batches, use_dora=True)."""
 ROWS, SEQ = 4, 512
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -84,10 +89,12 @@ def run_child(kind: str, steps: int) -> dict:
 
     data = examples(400)
     torch.manual_seed(0)
+    use_dora = kind in DORA
+    kind = DORA.get(kind, kind)
     if kind == "d":
         from lorakit.train.step import CAUSAL_LM, train_step
 
-        model = lorakit.get_peft_model(load_model("default", dtype="bfloat16"), lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+        model = lorakit.get_peft_model(load_model("default", dtype="bfloat16"), lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, use_dora=use_dora))
         stream = lorakit_batches(data, 2)
 
         def step(batch):  # the loop's micro-step: one micro-batch per optimizer step, normalised by its labels
@@ -96,7 +103,7 @@ def run_child(kind: str, steps: int) -> dict:
         import peft
 
         dtype = torch.float32 if kind == "a" else torch.bfloat16
-        model = peft.get_peft_model(load_model("default", dtype=dtype), peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"))
+        model = peft.get_peft_model(load_model("default", dtype=dtype), peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM", use_dora=use_dora))
         stream = peft_batches(kind, data, 2)
 
         def step(batch):
@@ -165,6 +172,9 @@ def main() -> None:
             best["peak_rss_gb"] = max(best["peak_rss_gb"], run["peak_rss_gb"])
     for kind, result in results.items():
         print(f"({kind}) {CONFIGS[kind]:<48} {result['tokens_per_second']:8.0f} useful tokens/s   peak RSS {result['peak_rss_gb']:.2f} GB")
+    if "e" in results and "f" in results:
+        print(f"lorakit DoRA / peft DoRA: {results['f']['tokens_per_second'] / results['e']['tokens_per_second']:.2f}x tokens/s, "
+              f"{results['f']['peak_rss_gb'] / results['e']['peak_rss_gb']:.2f}x peak RSS")
     if "d" in results:
         mine = results["d"]["tokens_per_second"]
         for kind in ("a", "b", "c"):
