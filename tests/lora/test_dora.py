@@ -241,3 +241,6 @@ def test_functions_compose_to_the_merged_layer():
     out = dora.add_dora(x @ weight.T, x @ weight.T, x @ delta.T, scale)
     torch.testing.assert_close(out, x @ dora.dora_weight(weight, delta, magnitude).T)
     torch.testing.assert_close(dora.initial_magnitude(weight, delta), (weight + delta).norm(dim=1))
+    bias = torch.randn(6, generator=generator)
+    combined = x @ weight.T + bias + x @ delta.T
+    torch.testing.assert_close(dora.rescale_output(combined, scale, bias), dora.add_dora(x @ weight.T + bias, x @ weight.T, x @ delta.T, scale))

@@ -42,6 +42,15 @@ def add_dora(result: torch.Tensor, base_out: torch.Tensor, lora_out: torch.Tenso
     return result + base_out * (scale - 1) + lora_out * scale
 
 
+def rescale_output(combined: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """m/n * (W x + s B A x) + bias from `combined` = W x + bias + s B A x (the plain LoRA output): the same
+    as add_dora when the base output is not recomputed, in one multiply over the output instead of
+    three passes. `scale` (out,) broadcasts over the last dimension."""
+    scale = scale.to(combined.dtype)
+    out = combined * scale
+    return out if bias is None else out + bias.to(out.dtype) * (1 - scale)
+
+
 @torch.no_grad()
 def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
     """The merged weight m / n * (W + delta), in fp32. `norm` defaults to the row norms of W + delta;

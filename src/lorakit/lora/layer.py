@@ -213,14 +213,17 @@ class LoraLinear(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(lora_a.weight.dtype)
         bias = getattr(self.base_layer, "bias", None)
+        scale = dora.magnitude_scale(self.lora_magnitude_vector[name], self.dora_norm(name))  # (out,)
         if isinstance(dropout, nn.Identity) or not self.training:
-            base_out = result if bias is None else result - bias
-        else:
-            x = dropout(x)
-            base_out = self.base_layer(x)
-            base_out = base_out if bias is None else base_out - bias
+            # m/n (result + s B A x) + bias (1 - m/n): the plain LoRA addmm, then one multiply
+            xa = lora_a(x)  # (..., r)
+            combined = torch.addmm(result.reshape(-1, self.out_features).to(xa.dtype), xa.reshape(-1, xa.shape[-1]),
+                                   (lora_b.weight * self.scaling[name]).T.to(xa.dtype))
+            return dora.rescale_output(combined, scale, bias).view(result.shape).to(result.dtype)
+        x = dropout(x)
+        base_out = self.base_layer(x)  # W x' on the dropped-out input, as peft recomputes it
+        base_out = base_out if bias is None else base_out - bias
         lora_out = lora_b(lora_a(x)) * self.scaling[name]  # (..., out)
-        scale = dora.magnitude_scale(self.lora_magnitude_vector[name], self.dora_norm(name))
         return dora.add_dora(result.to(lora_out.dtype), base_out.to(lora_out.dtype), lora_out, scale).to(result.dtype)
 
     def dora_norm(self, name: str) -> torch.Tensor:
