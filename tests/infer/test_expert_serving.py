@@ -117,3 +117,24 @@ def test_batch_invariant_mode_gives_identical_bf16_tokens_with_expert_adapters(c
     alone = [engine.generate([p], [r], params)[0].token_ids for p, r in zip(prompts, rows)]
     engine.close()
     assert together == alone
+
+
+def test_a_router_adapter_runs_grouped_by_mix_and_equals_each_row_alone() -> None:
+    """A router's 2-D weight is no experts projection: its rows are grouped by mix (lora/expert_routing.py)."""
+    model = tiny_family("MixtralConfig", **FAMILIES["MixtralConfig"])
+    lora = get_peft_model(model, LoraConfig(r=4, target_parameters=["gate.weight", "experts.down_proj"]), "a")
+    lora.add_adapter("b", LoraConfig(r=2, target_parameters=["gate.weight"]))
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+    lora.eval()
+    ids = torch.randint(2, 128, (len(ROWS), 6), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        mixed = lora(ids, adapter_names=ROWS).logits
+    for b, row in enumerate(ROWS):
+        oracle, context = alone(lora, row)
+        with context, torch.no_grad():
+            torch.testing.assert_close(mixed[b], oracle.model(ids[b:b + 1]).logits[0], atol=1e-5, rtol=1e-5)
+    assert (mixed[1] - mixed[2]).abs().max() > 1e-3  # "b" adapts only the router, and that changes the output

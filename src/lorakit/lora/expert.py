@@ -15,11 +15,8 @@ transformers picks (eager, grouped_mm, batched_mm) sees adapted weights. Several
 nest, the first registered innermost (`experts.base_layer` holds gate_up_proj's factors, `experts` down_proj's),
 exactly peft's state-dict keys. No dropout: x cannot be factored out of a parameter (peft refuses it too).
 
-Mixed batches: under a Routing (lora/routing.routed) the module's tokens are grouped by their row's
-adapter mix and the module runs once per distinct mix on that group's tokens only, with W + sum_j w_j delta_j;
-"__base__" rows run on W. The experts see flattened tokens (B * T, C), so row b owns tokens b*T .. b*T+T-1.
-Cost per layer and step: one fold of the stack (E * in * out * r multiply-adds) per distinct mix, as peft pays
-per forward; no copy of the weights is kept between steps.
+Mixed batches (a Routing from lora/routing.routed): lora/expert_routing.py gives each row its own
+adapters, per token through transformers' experts modules, by groups of rows elsewhere.
 """
 
 from __future__ import annotations
@@ -35,7 +32,8 @@ from torch.func import functional_call
 
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, LorakitError
-from lorakit.lora.routing import Routing, current_routing
+from lorakit.lora.expert_routing import routed_call
+from lorakit.lora.routing import current_routing
 
 LORA_PARTS = ("lora_A", "lora_B", "lora_dropout", "modules_to_save", "original_module")
 
@@ -168,12 +166,12 @@ class ParamLora(nn.Module):
         routing = current_routing()
         chain = self.chain()
         if routing is None:
-            return self._call(chain, None, args, kwargs)
+            return self.call_with(chain, None, args, kwargs)
         if any(layer.merged_adapters for layer in chain):  # every row, "__base__" ones too, would see them
             raise LorakitError("per-row adapters cannot run while adapters are merged into the weights; call unmerge_adapter() first")
-        return self._call(chain, {}, args, kwargs) if routing.base_only else _grouped_call(self, chain, routing, args, kwargs)
+        return self.call_with(chain, {}, args, kwargs) if routing.base_only else routed_call(self, chain, routing, args, kwargs)
 
-    def _call(self, chain: list[ParamLora], mix: dict[str, float] | None, args: tuple, kwargs: dict) -> Any:
+    def call_with(self, chain: list[ParamLora], mix: dict[str, float] | None, args: tuple, kwargs: dict) -> Any:
         """The real module on its parameters plus `mix` (None: each layer's active adapters)."""
         swapped = {}
         for layer in chain:
@@ -190,59 +188,6 @@ class ParamLora(nn.Module):
     def extra_repr(self) -> str:
         return (f"parameter={self.parameter_name}, experts={self.num_experts}, in={self.in_features}, out={self.out_features}, "
                 f"adapters={list(self.lora_A)}, active={self.active_adapters}")
-
-
-def _row_groups(routing: Routing) -> dict[tuple, list[int]]:
-    """Rows by adapter mix: {((name, weight), ...): [rows]}; built once per routing (every layer shares it)."""
-    cached = routing._scales.get("param_lora_groups")  # the routing's per-pass cache (lora/routing.py)
-    if cached is not None:
-        return cached
-    name_of = {slot: name for name, slot in routing.table.slot_of.items()}
-    groups: dict[tuple, list[int]] = {}
-    slots, weights = routing.slots.T.tolist(), routing.weights.T.tolist()
-    for row, (row_slots, row_weights) in enumerate(zip(slots, weights)):
-        mix = tuple(sorted((name_of[s], w) for s, w in zip(row_slots, row_weights) if s))
-        groups.setdefault(mix, []).append(row)
-    routing._scales["param_lora_groups"] = groups
-    return groups
-
-
-def _grouped_call(layer: ParamLora, chain: list[ParamLora], routing: Routing, args: tuple, kwargs: dict) -> Any:
-    """Run the module once per distinct adapter mix, on the tokens of the rows that use it."""
-    if not args or not isinstance(args[0], torch.Tensor):
-        raise LorakitError(f"{type(layer.real_module).__name__} takes no tensor first argument; per-row adapters cannot group its tokens")
-    tokens = args[0].shape[0]
-    groups = _row_groups(routing)
-    if tokens % routing.rows:
-        raise LorakitError(f"adapter routing has {routing.rows} rows but {type(layer.real_module).__name__} got {tokens} tokens; pass one adapter name per row")
-    if len(groups) == 1:
-        return layer._call(chain, dict(next(iter(groups))), args, kwargs)
-    steps = tokens // routing.rows  # row b owns tokens b * steps .. b * steps + steps - 1
-    device = args[0].device
-    outputs = None
-    for mix, rows in groups.items():
-        index = (torch.tensor(rows, device=device)[:, None] * steps + torch.arange(steps, device=device)).flatten()
-        part = layer._call(chain, dict(mix), tuple(_take(v, index, tokens) for v in args),
-                           {k: _take(v, index, tokens) for k, v in kwargs.items()})
-        outputs = _scatter(outputs, part, index, tokens)
-    return outputs
-
-
-def _take(value: Any, index: torch.Tensor, tokens: int) -> Any:
-    """A group's share of a per-token argument (router indices and weights too); anything else as it is."""
-    return value[index] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == tokens else value
-
-
-def _scatter(outputs: Any, part: Any, index: torch.Tensor, tokens: int) -> Any:
-    """Write a group's output(s) into the whole batch's, allocated on the first group."""
-    if isinstance(part, tuple):
-        return tuple(_scatter(None if outputs is None else o, p, index, tokens) for o, p in zip(outputs or (None,) * len(part), part))
-    if not isinstance(part, torch.Tensor) or not part.dim():
-        raise LorakitError("a module with adapted parameters returned something that is not per-token tensors; per-row adapters cannot run through it")
-    if outputs is None:
-        outputs = part.new_empty((tokens, *part.shape[1:]))
-    outputs[index] = part
-    return outputs
 
 
 # --- finding and injecting --------------------------------------------------------------------------
