@@ -206,3 +206,48 @@ def test_adapters_of_per_layer_ranks_serve_in_one_routed_batch(tmp_path):
     for row, name in enumerate(["wide", "narrow"]):
         model.set_adapter(name)
         torch.testing.assert_close(together[row], logits(model)[row], atol=1e-5, rtol=1e-5)
+
+
+def test_loftq_on_an_nf4_base_starts_from_the_checkpoint_s_weights(tmp_path):
+    """peft's replace_lora_weights_loftq, on a CPU: A, B from W - dequantize(Q) with W read from the base's
+    checkpoint; the NF4 base is left as it is, so the adapter loads as plain LoRA (in peft too)."""
+    from peft.utils.loftq_utils import _low_rank_decomposition
+
+    from lorakit.weights.dequant import dense_weight
+    from tests.quant.qhelpers import save_tiny_llama
+
+    save_tiny_llama(tmp_path / "base")
+    ids = IDS
+    with torch.no_grad():
+        dense = lorakit.load_model(tmp_path / "base").float()
+        truth = dense(ids).logits
+        nf4 = lorakit.load_model(tmp_path / "base", quantization="nf4")
+        plain_error = (nf4(ids).logits.float() - truth).abs().mean()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = lorakit.get_peft_model(nf4, lorakit.LoraConfig(r=16, lora_alpha=16, target_modules=targets, init_lora_weights="loftq"))
+    layer = model.model.model.layers[0].self_attn.q_proj
+    reference = _low_rank_decomposition(dense.model.layers[0].self_attn.q_proj.weight.float() - dense_weight(layer.base_layer).float(), reduced_rank=16)
+    torch.testing.assert_close(layer.lora_B["default"].weight @ layer.lora_A["default"].weight, reference["L"] @ reference["R"], atol=1e-4, rtol=1e-3)
+    with torch.no_grad():
+        assert (model(ids).logits.float() - truth).abs().mean() < 0.7 * plain_error
+    assert model.peft_config["default"].init_lora_weights is True
+    model.save_pretrained(tmp_path / "adapter")
+    in_peft = peft.PeftModel.from_pretrained(lorakit.load_model(tmp_path / "base", quantization="nf4"), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(in_peft(ids).logits.float(), model(ids).logits.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_loftq_on_a_quantized_base_refuses_what_it_cannot_do(tmp_path):
+    from tests.quant.qhelpers import save_tiny_llama
+
+    save_tiny_llama(tmp_path / "base")
+    nf4 = lorakit.load_model(tmp_path / "base", quantization="nf4")
+    with pytest.raises(ConfigError, match="loftq_iter > 1 re-quantizes the base"):
+        lorakit.get_peft_model(nf4, lorakit.LoraConfig(target_modules=["q_proj"], init_lora_weights="loftq", loftq_config={"loftq_iter": 2}))
+    int8 = lorakit.load_model(tmp_path / "base", quantization="int8")
+    with pytest.raises(ConfigError, match="needs it in 4-bit"):
+        lorakit.get_peft_model(int8, lorakit.LoraConfig(target_modules=["q_proj"], init_lora_weights="loftq"))
+    (tmp_path / "base" / "model.safetensors").rename(tmp_path / "base" / "moved.safetensors")
+    with pytest.raises(LorakitError, match="no model.safetensors in"):
+        lorakit.get_peft_model(nf4, lorakit.LoraConfig(target_modules=["q_proj"], init_lora_weights="loftq"))
+    assert not any(type(m).__name__ == "LoraLinear" for m in nf4.modules())

@@ -8,7 +8,9 @@
   "pissa_niter_N" the same from torch.svd_lowrank with N subspace iterations (fast, randomised: seeded)
   "olora"         A, B from W's QR decomposition (B = Q[:, :r], A = R[:r]); W keeps the residual
   "loftq"         W replaced by its 4-bit NF4 (or 8-bit) quantization, A, B the rank-r SVD of what that
-                  loses, alternated loftq_iter times (LoftQ): the base then quantizes without that error
+                  loses, alternated loftq_iter times (LoftQ): the base then quantizes without that error.
+                  On a base already in NF4, W is read from the base's checkpoint and A, B start from
+                  W - dequantize(Q) (one iteration; peft's replace_lora_weights_loftq)
 
 Each is one small function in METHODS (no string `elif` chain); each computes in fp32 and reproduces
 peft 0.21's numbers for the same seed, so peft and lorakit start from the same adapter (LoftQ: peft's
@@ -28,7 +30,7 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.lora.base_layer import is_conv1d, layer_shape
-from lorakit.weights.kinds import is_quantized
+from lorakit.weights.kinds import is_4bit, is_quantized
 
 if TYPE_CHECKING:  # layer.py imports this module late (inside add_adapter): the type only
     from lorakit.lora.layer import LoraLinear
@@ -41,9 +43,16 @@ def mutates_base(init: bool | str) -> bool:
     return isinstance(init, str) and init.startswith(MUTATES_BASE)
 
 
-def init_problem(base_layer: nn.Module, init: bool | str) -> str | None:
+def init_problem(base_layer: nn.Module, init: bool | str, loftq_config: dict | None = None) -> str | None:
     """Why `init` cannot start an adapter on `base_layer` (None if it can): checked on every target
     before the first layer changes (lora/inject.py), so a refusal never leaves a model half-initialised."""
+    if init == "loftq" and is_quantized(base_layer.weight):
+        if not is_4bit(base_layer.weight):
+            return "init_lora_weights 'loftq' on a quantized base needs it in 4-bit (nf4); load it with quantization nf4 or unquantized"
+        if (loftq_config or {}).get("loftq_iter", 1) != 1:
+            return ("loftq_iter > 1 re-quantizes the base each iteration, which needs it unquantized; "
+                    "use loftq_iter 1 on an nf4 base, or load the base unquantized")
+        return None
     if mutates_base(init) and is_quantized(base_layer.weight):
         return (f"init_lora_weights {init!r} rewrites the base weights, which cannot be done on a quantized "
                 "base; load the base unquantized for it (and quantize the result afterwards)")
@@ -55,8 +64,9 @@ def init_problem(base_layer: nn.Module, init: bool | str) -> str | None:
     return None
 
 
-def initialise(layer: LoraLinear, name: str, init: bool | str, loftq_config: dict) -> None:
+def initialise(layer: LoraLinear, name: str, init: bool | str, loftq_config: dict, original: torch.Tensor | None = None) -> None:
     """Set adapter `name`'s A and B (and, for PiSSA / OLoRA / LoftQ, the base weight) as `init` says.
+    `original`: for LoftQ on an NF4 base, the layer's unquantized weight (lora/loftq.original_weights).
 
     Raises:
         LorakitError: init_problem's reasons (inject_adapter checks them first).
@@ -64,11 +74,14 @@ def initialise(layer: LoraLinear, name: str, init: bool | str, loftq_config: dic
     if init is False:
         return
     method = "pissa_niter" if isinstance(init, str) and init.startswith("pissa_niter_") else ("true" if init is True else init)
-    problem = init_problem(layer.base_layer, init)
+    problem = init_problem(layer.base_layer, init, loftq_config)
     if problem:
         raise LorakitError(problem)
     with torch.no_grad():
-        METHODS[method](layer, name, init, loftq_config)
+        if original is not None:
+            _loftq_from_original(layer, name, original)
+        else:
+            METHODS[method](layer, name, init, loftq_config)
 
 
 def _kaiming(layer: LoraLinear, name: str, init: bool | str, loftq_config: dict) -> None:
@@ -116,6 +129,15 @@ def _loftq(layer: LoraLinear, name: str, init: bool | str, loftq_config: dict) -
     layer.lora_A[name].weight.data = lora_a.to(layer.lora_A[name].weight.dtype)
     layer.lora_B[name].weight.data = lora_b.to(layer.lora_B[name].weight.dtype)
     stored.data = quantized.to(stored.dtype)
+
+
+def _loftq_from_original(layer: LoraLinear, name: str, original: torch.Tensor) -> None:
+    """A, B from what the NF4 base loses against its original weight; the base stays as it is."""
+    from lorakit.lora.loftq import low_rank
+
+    lora_b, lora_a = low_rank(original.float() - layer.dense_weight(), layer.lora_A[name].weight.shape[0])
+    layer.lora_A[name].weight.data = lora_a.to(layer.lora_A[name].weight.dtype)
+    layer.lora_B[name].weight.data = lora_b.to(layer.lora_B[name].weight.dtype)
 
 
 def _set_factors(layer: LoraLinear, name: str, lora_a: torch.Tensor, lora_b: torch.Tensor, weight: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ from lorakit.lora import expert
 from lorakit.lora.base_layer import parameter_count
 from lorakit.lora.init import init_problem, mutates_base
 from lorakit.lora.layer import LoraLinear, ModulesToSave
+from lorakit.lora.loftq import original_weights
 from lorakit.lora.targets import ALL_LINEAR, find_targets, inside_lora_layer, is_linear_like, module_to_save_matches, name_matches, resolve_all_linear
 
 
@@ -39,7 +40,8 @@ def inject_adapter(
     _check_adaptable(model, paths)
     parameters = expert.parameter_targets(model, config.target_parameters) if config.target_parameters else []
     expert.check_parameter_targets(model, config, parameters, paths)
-    _check_base_kept(model, paths, config)
+    originals = original_weights(model, paths) if config.init_lora_weights == "loftq" else {}
+    _check_base_kept(model, paths, config, rewrites=not originals)
     for path in paths:
         module = model.get_submodule(path)
         if not isinstance(module, LoraLinear):
@@ -47,7 +49,8 @@ def inject_adapter(
             _set_child(model, path, module)
         r, alpha = config.layer_rank_alpha(path)
         module.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, adapter_dtype,
-                           use_dora=config.use_dora, init=config.init_lora_weights, loftq_config=config.loftq_config)
+                           use_dora=config.use_dora, init=config.init_lora_weights, loftq_config=config.loftq_config,
+                           original=originals.get(path))
     expert.inject_parameters(model, config, parameters, adapter_name, config.layer_rank_alpha, adapter_dtype)
     for path in save_paths:
         module = model.get_submodule(path)
@@ -55,6 +58,8 @@ def inject_adapter(
             module = ModulesToSave(module)
             _set_child(model, path, module)
         module.add_adapter(adapter_name)
+    if originals:  # LoftQ from the checkpoint left the NF4 base as it is: nothing to redo when the adapter loads
+        config = replace(config, init_lora_weights=True)
     fan_in_fan_out = any(model.get_submodule(path).fan_in_fan_out for path in paths)
     return replace(config, fan_in_fan_out=fan_in_fan_out) if fan_in_fan_out != config.fan_in_fan_out else config
 
@@ -68,15 +73,15 @@ def _check_adaptable(model: nn.Module, paths: list[str]) -> None:
         )
 
 
-def _check_base_kept(model: nn.Module, paths: list[str], config: LoraConfig) -> None:
+def _check_base_kept(model: nn.Module, paths: list[str], config: LoraConfig, rewrites: bool = True) -> None:
     """PiSSA / OLoRA / LoftQ rewrite the base weights; on a layer that other adapters already use, that would
     silently change what every one of them computes (peft lets it happen). Also every layer's init_problem."""
     for path in paths:
         module = model.get_submodule(path)
-        problem = init_problem(module.base_layer if isinstance(module, LoraLinear) else module, config.init_lora_weights)
+        problem = init_problem(module.base_layer if isinstance(module, LoraLinear) else module, config.init_lora_weights, config.loftq_config)
         if problem:
             raise ConfigError([problem], "LoraConfig")
-    if not mutates_base(config.init_lora_weights):
+    if not (rewrites and mutates_base(config.init_lora_weights)):
         return
     shared = [p for p in paths if isinstance(m := model.get_submodule(p), LoraLinear) and m.lora_A]
     if shared:

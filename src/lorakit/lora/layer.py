@@ -57,6 +57,7 @@ class LoraLinear(nn.Module):
         use_dora: bool = False,
         init: bool | str = True,
         loftq_config: dict | None = None,
+        original: torch.Tensor | None = None,
     ) -> None:
         """Add adapter `name`, initialised as `init` (peft's init_lora_weights) says; a DoRA adapter's
         magnitude starts at the row norms of W + scaling * B A (after the init, which may change W)."""
@@ -70,7 +71,7 @@ class LoraLinear(nn.Module):
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        initialise(self, name, init, loftq_config or {})
+        initialise(self, name, init, loftq_config or {}, original)
         if use_dora:
             norm = dora.initial_magnitude(self.dense_weight(), self.delta_weight(name, layout="linear"))
             self.lora_magnitude_vector[name] = nn.Parameter(norm.to(device=device, dtype=dtype))
