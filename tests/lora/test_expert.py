@@ -218,3 +218,15 @@ def test_copying_a_model_with_expert_adapters_keeps_them() -> None:
     model = get_peft_model(base_model("MixtralConfig"), LoraConfig(target_parameters=["experts.down_proj"]))
     clone = copy.deepcopy(model)
     assert clone.model.model.layers[0].mlp.experts.num_experts == 4
+
+
+def test_init_lora_weights_false_and_gaussian_as_peft_and_the_rest_refused() -> None:
+    ours = get_peft_model(base_model("MixtralConfig"), LoraConfig(r=4, target_parameters=["experts.down_proj"], init_lora_weights="gaussian"))
+    experts = ours.model.model.layers[0].mlp.experts
+    assert torch.equal(experts.lora_B["default"].weight, torch.zeros_like(experts.lora_B["default"].weight))
+    assert abs(experts.lora_A["default"].weight.std().item() - 1 / 4) < 0.02  # peft: normal with std 1 / r
+    random = get_peft_model(base_model("MixtralConfig"), LoraConfig(r=4, target_parameters=["experts.down_proj"], init_lora_weights=False))
+    assert (logits(random) - logits(base_model("MixtralConfig"))).abs().max() > 1e-4  # not a no-op, as in peft
+    for refused in (dict(init_lora_weights="olora"), dict(use_dora=True)):
+        with pytest.raises(ConfigError, match="target_parameters"):
+            get_peft_model(base_model("MixtralConfig"), LoraConfig(target_modules=["q_proj"], target_parameters=["experts.down_proj"], **refused))

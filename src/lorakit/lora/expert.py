@@ -36,6 +36,7 @@ from lorakit.lora.expert_routing import routed_call
 from lorakit.lora.routing import current_routing
 
 LORA_PARTS = ("lora_A", "lora_B", "lora_dropout", "modules_to_save", "original_module")
+PARAMETER_INITS = (True, False, "gaussian")  # peft's inits that need no base weight (its others fail on experts)
 
 
 class ParamLora(nn.Module):
@@ -79,13 +80,20 @@ class ParamLora(nn.Module):
         return self.real_module._parameters[self.parameter_name]
 
     # --- adapters -----------------------------------------------------------------------------
-    def add_adapter(self, name: str, r: int, lora_alpha: float, use_rslora: bool = False, dtype: torch.dtype | None = None) -> None:
+    def add_adapter(self, name: str, r: int, lora_alpha: float, use_rslora: bool = False, dtype: torch.dtype | None = None,
+                    init: bool | str = True) -> None:
+        """`init` as peft's init_lora_weights: True (A Kaiming, B zero: a no-op), "gaussian" (A normal with
+        std 1 / r, B zero) or False (both as nn.Linear initializes them: not a no-op)."""
         device = self.parameter().device
         experts = self.num_experts
         self.lora_A[name] = nn.Linear(self.in_features, r * experts, bias=False, device=device, dtype=dtype or torch.float32)
         self.lora_B[name] = nn.Linear(r * experts, self.out_features, bias=False, device=device, dtype=dtype or torch.float32)
-        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[name].weight)
+        if init is not False:
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A[name].weight, std=1 / r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[name].weight)
         self.r[name] = r
         self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         if not self.active_adapters:
@@ -231,6 +239,10 @@ def check_parameter_targets(model: nn.Module, config: LoraConfig, found: list[tu
     problems = []
     if config.lora_dropout:
         problems.append(f"lora_dropout must be 0 with target_parameters (got {config.lora_dropout}); dropout cannot act inside a parameter")
+    if config.init_lora_weights not in PARAMETER_INITS:
+        problems.append(f"init_lora_weights {config.init_lora_weights!r} does not apply to target_parameters; use true, false or gaussian")
+    if config.use_dora:
+        problems.append("use_dora does not apply to target_parameters (peft refuses it too); drop use_dora or target_parameters")
     clash = sorted({p for p, _ in found if p in module_paths or type(model.get_submodule(p)).__name__ == "LoraLinear"})
     if clash:
         problems.append(f"{clash[0]} is targeted by target_modules and its parameter by target_parameters; target it one way")
@@ -254,7 +266,7 @@ def inject_parameters(model: nn.Module, config: LoraConfig, found: list[tuple[st
             layer = ParamLora(module, param_name)
             model.set_submodule(path, layer)
         r, alpha = rank_alpha(f"{path}.{param_name}") if rank_alpha else (config.r, config.lora_alpha)
-        layer.add_adapter(adapter_name, r, alpha, config.use_rslora, adapter_dtype)
+        layer.add_adapter(adapter_name, r, alpha, config.use_rslora, adapter_dtype, config.init_lora_weights)
 
 
 def param_layers(model: nn.Module) -> list[ParamLora]:
