@@ -251,3 +251,11 @@ def test_loftq_on_a_quantized_base_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(LorakitError, match="no model.safetensors in"):
         lorakit.get_peft_model(nf4, lorakit.LoraConfig(target_modules=["q_proj"], init_lora_weights="loftq"))
     assert not any(type(m).__name__ == "LoraLinear" for m in nf4.modules())
+
+
+def test_no_adapter_joins_a_base_that_pissa_rewrote():
+    model = lorakit.get_peft_model(make_tiny_llama(), lorakit.LoraConfig(target_modules=["q_proj"], init_lora_weights="olora"), "o")
+    with pytest.raises(ConfigError, match="is the residual adapter 'o' left \\(init_lora_weights 'olora'\\)"):
+        model.add_adapter("plain", lorakit.LoraConfig(target_modules=["q_proj", "v_proj"]))
+    assert "plain" not in model.peft_config
+    model.add_adapter("elsewhere", lorakit.LoraConfig(target_modules=["v_proj"]))  # other layers are untouched

@@ -82,6 +82,8 @@ def initialise(layer: LoraLinear, name: str, init: bool | str, loftq_config: dic
             _loftq_from_original(layer, name, original)
         else:
             METHODS[method](layer, name, init, loftq_config)
+            if mutates_base(init):
+                layer.base_rewritten_by = (name, init)  # for good: deleting the adapter does not restore W
 
 
 def _kaiming(layer: LoraLinear, name: str, init: bool | str, loftq_config: dict) -> None:

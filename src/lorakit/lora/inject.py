@@ -81,6 +81,11 @@ def _check_base_kept(model: nn.Module, paths: list[str], config: LoraConfig, rew
         problem = init_problem(module.base_layer if isinstance(module, LoraLinear) else module, config.init_lora_weights, config.loftq_config)
         if problem:
             raise ConfigError([problem], "LoraConfig")
+    rewritten = [(p, m.base_rewritten_by) for p in paths if isinstance(m := model.get_submodule(p), LoraLinear) and m.base_rewritten_by]
+    if rewritten:
+        path, (owner, init) = rewritten[0]
+        raise ConfigError([f"the base weight of {path} is the residual adapter {owner!r} left (init_lora_weights {init!r}), "
+                           "so no other adapter can share it; load this one on a fresh base"], "LoraConfig")
     if not (rewrites and mutates_base(config.init_lora_weights)):
         return
     shared = [p for p in paths if isinstance(m := model.get_submodule(p), LoraLinear) and m.lora_A]

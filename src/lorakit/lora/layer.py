@@ -41,6 +41,7 @@ class LoraLinear(nn.Module):
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only: m, (out,)
         self.scaling: dict[str, float] = {}
         self._merge_norms: dict[str, torch.Tensor] = {}  # DoRA: the norm each merged adapter was merged with
+        self.base_rewritten_by: tuple[str, str] | None = None  # (adapter, init) that left W a residual (lora/init.py)
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
