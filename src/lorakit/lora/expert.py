@@ -66,7 +66,10 @@ class ParamLora(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["base_layer"], name)
+            base = self.__dict__.get("_modules", {}).get("base_layer")  # none yet while copying or unpickling
+            if base is None:
+                raise
+            return getattr(base, name)
 
     @property
     def real_module(self) -> nn.Module:
