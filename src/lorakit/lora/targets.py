@@ -25,6 +25,15 @@ def name_matches(pattern: list[str] | str, name: str) -> bool:
     return name in pattern or any(name.endswith(f".{p}") for p in pattern)
 
 
+def module_to_save_matches(names: list[str] | str, path: str) -> bool:
+    """peft's modules_to_save rule (utils.other._set_trainable): a path that ends with a listed name as
+    a string, so "classifier" also takes DistilBERT's "pre_classifier", the new first layer of its head.
+    A string is a regex, as for targets."""
+    if isinstance(names, str):
+        return name_matches(names, path)
+    return any(path.endswith(n) for n in names)
+
+
 def output_head_names(model: nn.Module) -> set[str]:
     """Names of the output head(s), which "all-linear" leaves alone."""
     heads = set()
@@ -33,7 +42,9 @@ def output_head_names(model: nn.Module) -> set[str]:
     for name, module in model.named_modules():
         if head is not None and module is head:
             heads.add(name)
-    return heads | {n for n, _ in model.named_modules() if n.split(".")[-1] in ("lm_head", "score", "classifier")}
+    # by peft's modules_to_save rule (a path ending in the name): a classifier's whole new head, DistilBERT's
+    # pre_classifier too, is trained in full, and LoRA on it would make peft refuse the adapter
+    return heads | {n for n, _ in model.named_modules() if n.split(".")[-1] == "lm_head" or module_to_save_matches(["score", "classifier"], n)}
 
 
 def linear_paths(model: nn.Module) -> list[str]:

