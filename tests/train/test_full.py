@@ -19,7 +19,7 @@ from lorakit.cli import main
 from lorakit.train import full
 from tests.helpers import make_tiny_llama
 
-SHORT = ["--task_train_examples", "24", "--task_eval_examples", "4", "--per_device_train_batch_size", "2",
+SHORT = ["--task_train_examples", "24", "--task_eval_examples", "2", "--per_device_train_batch_size", "2",
          "--learning_rate", "3e-3", "--warmup_steps", "1", "--logging_steps", "1", "--model.dtype", "float32"]
 
 
@@ -170,6 +170,7 @@ def test_a_lora_checkpoint_is_refused_by_a_full_run(runs, base_dir, tmp_path, ca
     (["--use_dora", "true"], "use_dora configures a LoRA adapter"),
     (["--task_type", "SEQ_CLS"], "causal LMs only"),
     (["--fsdp", "true"], "drop fsdp"),
+    (["--loraplus_lr_ratio", "16"], "LoRA+"),
     (["--nproc", "2"], "drop --nproc"),
 ])
 def test_combinations_that_make_no_sense_exit_2_with_one_line_and_write_nothing(base_dir, tmp_path, capsys, extra, says):

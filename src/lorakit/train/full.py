@@ -24,7 +24,7 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
-from lorakit.config import TaskType
+from lorakit.config import TaskType, settings
 from lorakit.data import batches
 from lorakit.errors import LorakitError
 from lorakit.infer.scoring import score_samples
@@ -66,6 +66,8 @@ def full_problems(config: RunConfig, default_lora: Any) -> list[str]:
     elif changed := adapter_settings(config.lora, default_lora):
         found.append(f"{', '.join(changed)} configure{'s' if len(changed) == 1 else ''} a LoRA adapter, which --full does "
                      "not train; drop them or drop --full")
+    if config.train.loraplus_lr_ratio:
+        found.append("loraplus_lr_ratio sets LoRA+'s learning rate of the B matrices, which --full does not have; drop it or drop --full")
     if config.train.fsdp:
         found.append("fsdp shards a frozen base beside a replicated adapter; with --full drop fsdp")
     return found
@@ -73,8 +75,6 @@ def full_problems(config: RunConfig, default_lora: Any) -> list[str]:
 
 def adapter_settings(lora: Any, default_lora: Any) -> list[str]:
     """The lora section's settings that differ from their defaults (adapter-only flags)."""
-    from lorakit.config import settings
-
     return [f.name for f in settings(type(lora)) if getattr(lora, f.name) != getattr(default_lora, f.name)]
 
 
