@@ -34,6 +34,8 @@ SETTINGS = {
                          rank_pattern={"gate_up_proj": 2}, alpha_pattern={"down_proj": 3}),
     "all-linear": dict(target_modules="all-linear"),
     "parameters only": dict(target_parameters=["experts.down_proj"]),
+    # transformers 4's expert names (Mixtral's w1 / w3, Qwen-MoE's gate_proj / up_proj / down_proj): peft maps them
+    "v4 names": dict(target_modules=["q_proj", "w1", "w3", "gate_proj", "up_proj", "down_proj"]),
 }
 IDS = torch.randint(2, 128, (2, 9), generator=torch.Generator().manual_seed(7))
 
@@ -150,6 +152,8 @@ def test_bad_target_parameters_are_refused_in_one_line_and_leave_the_model_uncha
     with pytest.raises(ConfigError, match="targeted by target_modules and its parameter by target_parameters"):
         get_peft_model(model, LoraConfig(target_modules=["q_proj"], target_parameters=["q_proj.weight"]))
     assert [type(m) for m in model.modules()] == before
+    with pytest.raises(ConfigError, match="names w1 without w3, which transformers fused with it into experts.gate_up_proj"):
+        get_peft_model(model, LoraConfig(target_modules=["q_proj", "w1"]))
     with pytest.raises(ConfigError, match="lora_dropout must be 0 with target_parameters"):
         LoraConfig(target_parameters=["experts.down_proj"], lora_dropout=0.1)
     with pytest.raises(ConfigError, match="target_parameters must be a list"):

@@ -335,12 +335,13 @@ def set_trainable(model: nn.Module, adapter_name: str, trainable: bool) -> None:
             layer.lora_B[adapter_name].requires_grad_(trainable)
 
 
-# --- "all-linear" on MoE families, as peft resolves it -------------------------------------------
+# --- transformers 4 expert names on fused-MoE families, as peft maps them ----------------------------
 # transformers 5 fused these families' expert linears into 3-D parameters and their router into a module
-# that is no nn.Linear; peft keeps "all-linear" meaning what it meant on transformers 4 (every expert's
-# w1 / w3 / w2 and the router) by mapping those old names onto the new parameters, and doubles rank and
-# alpha of the fused gate_up_proj (two rank-r adapters side by side). lorakit does the same, so an
-# "all-linear" adapter is the same adapter whichever library trained it.
+# that is no nn.Linear; peft keeps the old names meaning what they meant (every expert's w1 / w3 / w2, or
+# gate_proj / up_proj / down_proj, and the router `gate`), in a list or through "all-linear", by moving
+# them to target_parameters, and doubles rank and alpha of the fused gate_up_proj when both of its halves
+# are named (two rank-r adapters side by side). lorakit does the same, so a config means one adapter
+# whichever library trains it.
 _V4_EXPERT_NAMES = {
     "mixtral": {"gate": "gate.weight", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
     "qwen2_moe": {"gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"},
@@ -364,25 +365,38 @@ def _conversion_family(model: nn.Module) -> str | None:
     return family
 
 
-def with_all_linear_parameters(model: nn.Module, config: LoraConfig) -> LoraConfig:
-    """`config` with "all-linear" already expanded to leaf names; on a fused-MoE family, its expert and router
-    names moved to target_parameters and the fused projection's rank and alpha doubled, as peft does."""
+def with_expert_names_mapped(model: nn.Module, config: LoraConfig, all_linear: bool = False) -> LoraConfig:
+    """`config` (target_modules a list; "all-linear" already expanded to leaf names, `all_linear` True) with
+    the fused-MoE family's old expert and router names moved to target_parameters, as peft does.
+
+    Raises:
+        ConfigError: one half of the fused gate_up_proj is named without the other (peft refuses it too).
+    """
     family = _conversion_family(model)
-    if family is None:
+    if family is None or not isinstance(config.target_modules, list):
         return config
     old_names = _V4_EXPERT_NAMES[family]
-    parameters = set(config.target_parameters or [])
-    modules = []
-    for target in list(config.target_modules) + list(old_names):
+    parameters, modules, halves = set(config.target_parameters or []), [], set()
+    for target in config.target_modules + (list(old_names) if all_linear else []):
         old = next((o for o in old_names if target == o or target.endswith(f".{o}")), None)
         if old is None:
             modules.append(target)
-        else:
-            parameters.add(old_names[old])
-    pattern = rf".*\.{_FUSED}"
-    return dataclasses.replace(config, target_modules=sorted(set(modules)), target_parameters=sorted(parameters),
-                   rank_pattern={**config.rank_pattern, pattern: 2 * config.r},
-                   alpha_pattern={**config.alpha_pattern, pattern: 2 * config.lora_alpha})
+            continue
+        parameters.add(old_names[old])
+        halves.update({old} if old_names[old] == _FUSED else set())
+    if len(modules) == len(config.target_modules) and not all_linear:
+        return config  # no old name: nothing to map
+    needed = {o for o, n in old_names.items() if n == _FUSED}
+    if halves and halves != needed:
+        raise ConfigError([f"target_modules names {', '.join(sorted(halves))} without {', '.join(sorted(needed - halves))}, "
+                           f"which transformers fused with it into experts.{_FUSED}; name both, or target_parameters "
+                           f"['experts.{_FUSED}']"], "LoraConfig")
+    changes: dict[str, Any] = dict(target_modules=sorted(set(modules)), target_parameters=sorted(parameters))
+    if halves:
+        pattern = rf".*\.{_FUSED}"
+        changes.update(rank_pattern={**config.rank_pattern, pattern: 2 * config.r},
+                       alpha_pattern={**config.alpha_pattern, pattern: 2 * config.lora_alpha})
+    return dataclasses.replace(config, **changes)
 
 
 def drop_empty(model: nn.Module) -> None:

@@ -30,8 +30,10 @@ def inject_adapter(
     Raises:
         ConfigError: the targets or modules_to_save do not fit the model; the model is then left unchanged.
     """
-    if config.target_modules == ALL_LINEAR:
-        config = expert.with_all_linear_parameters(model, replace(config, target_modules=resolve_all_linear(model)))
+    all_linear = config.target_modules == ALL_LINEAR
+    if all_linear:
+        config = replace(config, target_modules=resolve_all_linear(model))
+    config = expert.with_expert_names_mapped(model, config, all_linear)  # transformers 4 expert names, as peft maps them
     # Every check runs before the first module is replaced, so a bad config never half-wraps the model.
     save_paths = _modules_to_save_paths(model, config)
     # peft never puts LoRA inside a module trained in full (a classifier head with its own linears)
