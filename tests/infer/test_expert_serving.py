@@ -138,3 +138,28 @@ def test_a_router_adapter_runs_grouped_by_mix_and_equals_each_row_alone() -> Non
         with context, torch.no_grad():
             torch.testing.assert_close(mixed[b], oracle.model(ids[b:b + 1]).logits[0], atol=1e-5, rtol=1e-5)
     assert (mixed[1] - mixed[2]).abs().max() > 1e-3  # "b" adapts only the router, and that changes the output
+
+
+def test_adapters_loaded_and_unloaded_while_serving_rebuild_the_expert_banks(tmp_path) -> None:
+    """A peft-format expert adapter loaded into a running engine (and another unloaded) serves at once:
+    the per-expert banks follow the slot table, never a stale one."""
+    model = expert_lora_model("MixtralConfig")
+    engine = Engine.from_model(model, ToyTokenizer(), max_len=64, max_batch=4)
+    params = SamplingParams(max_tokens=6)
+    engine.generate(PROMPTS[:2], ["a", "b"], params)  # banks built for slots a, b
+    extra = expert_lora_model("MixtralConfig")
+    with torch.no_grad():
+        for name, param in extra.named_parameters():
+            if "lora_B.a." in name:
+                param.mul_(-1)  # a different adapter under the same layout
+    extra.save_pretrained(tmp_path, selected_adapters=["a"])
+    engine.registry.load("c", tmp_path / "a")
+    engine.registry.unload("b")
+    rows = ["c", "a", "__base__", {"a": 0.5, "c": 0.5}]
+    served = [o.token_ids for o in engine.generate(PROMPTS[:4], rows, params)]
+    engine.close()
+    oracle = expert_lora_model("MixtralConfig")
+    oracle.delete_adapter("b")
+    oracle.load_adapter(tmp_path / "a", adapter_name="c")
+    assert served == [greedy_alone(oracle, p, r, 6)[: len(s)] for p, r, s in zip(PROMPTS, rows, served)]
+    assert served[0] != served[1]
