@@ -31,6 +31,7 @@ from lorakit.infer.scoring import score_samples
 from lorakit.io import atomic_directory
 from lorakit.lora.routing import BASE
 from lorakit.models.load import load_model
+from lorakit.quant.heap import release_freed_memory
 from lorakit.tasks.order_json import DEFAULT_MAX_NEW_TOKENS
 from lorakit.train.distributed import Replicas
 from lorakit.train.loop import train
@@ -125,6 +126,7 @@ def run_full(config: RunConfig, data: PreparedData, tokenizer: Any, train_rows: 
     scored = data.shipped_task and config.train.compare_base
     before = score_model(hf_model, tokenizer, data, eval_rows, config) if scored else None
     hf_model.float().requires_grad_(True)  # fp32 master weights; autocast computes in bf16
+    release_freed_memory()  # the bf16 weights and the scoring engine's buffers, before training's peak
     model = FullModel(hf_model, tokenizer)
     trainable = sum(p.numel() for p in hf_model.parameters())
     log(f"full fine-tuning: all {trainable:,} parameters trainable, fp32 master weights, saved as {str(save_dtype).removeprefix('torch.')}")
