@@ -215,3 +215,27 @@ def test_a_failed_save_leaves_no_half_written_model(base_dir, tmp_path, monkeypa
     assert not (out / "model").exists()
     assert not [p.name for p in out.iterdir() if p.name.startswith(".model")]  # no staging directory left behind
     assert not (out / "summary.json").exists()
+
+
+def test_ctrl_c_checkpoints_the_full_model_and_latest_resumes_it_exactly(base_dir, tmp_path, monkeypatch):
+    from lorakit.train import loop
+
+    args = ["train", "--full", "--model.name", str(base_dir), *SHORT, "--max_steps", "5", "--compare_base", "false"]
+    assert main([*args, "--output_dir", str(tmp_path / "straight")]) == 0
+    calls, real_step = [], loop.train_step
+
+    def interrupted_third_step(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "train_step", interrupted_third_step)
+        assert main([*args, "--output_dir", str(out)]) == 0
+    assert not (out / "model").exists() and not (out / "summary.json").exists()  # no final model from a stopped run
+    assert (out / "checkpoints" / "step-000002" / "model.safetensors").is_file()
+    assert main([*args, "--resume_from_checkpoint", "latest", "--output_dir", str(out)]) == 0
+    a, b = weights(tmp_path / "straight" / "model"), weights(out / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
