@@ -178,13 +178,6 @@ def test_weighted_refuses_mixing_dora_and_plain_lora():
     assert "mix" not in ours.peft_config
 
 
-def test_per_row_adapters_refuse_dora_in_one_line():
-    _, ours = trained(*pair())
-    ours.eval()
-    with pytest.raises(LorakitError, match="uses DoRA, which per-row adapter batches do not run yet"):
-        ours(IDS, adapter_names=["default", "__base__"])
-
-
 def test_rows_on_other_adapters_run_while_a_dora_adapter_is_loaded():
     _, ours = trained(*pair())
     ours.add_adapter("plain", lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))

@@ -34,7 +34,7 @@ from torch import nn
 from lorakit.kernels import routed_lora
 from lorakit.kernels.routed_lora import RoutedLora
 from lorakit.weights.kinds import is_quantized
-from lorakit.lora.layer import LoraLinear
+from lorakit.lora.layer import LoraLinear, apply_dora_gains
 from lorakit.lora.routing import Routing
 
 _linear = torch.ops.mkldnn._linear_pointwise
@@ -98,6 +98,7 @@ class _Packed:
     b_banks: torch.Tensor | None = None  # packed (width, adapted layers x S*R) block-diagonal B banks
     adapted: int = 0  # layers with an A bank in the weight (after the base columns)
     kernel: tuple | None = None  # (routed_lora_, a, b, segments): adapters by the C++ kernel, not by banks in the matmuls
+    gains: torch.Tensor | None = None  # (S, width): DoRA slots' m/n - 1 per output column (LoraLinear.dora_gains); None without DoRA
 
     def fresh(self, bases: list[nn.Module], params: list[torch.Tensor], bank_version: tuple) -> bool:
         """Packed from these very base layers and tensors, unchanged since, with these banks. (Base
@@ -111,6 +112,9 @@ class _Packed:
         bank columns scaled by its mix and all B banks added by one block-diagonal matmul; with the
         kernel, each row's own adapters added onto the base outputs."""
         out = _linear(x, self.weight, self.bias, "none", [], "")
+        if self.gains is not None:  # DoRA rows: their base outputs rescaled before the adapters are added
+            bias = self.bias[: self.width] if self.bias is not None else None
+            out[..., : self.width] = apply_dora_gains(out[..., : self.width], bias, routing.slot_weights(self.gains.dtype) @ self.gains)
         if self.kernel is not None:
             op, a, b, segments = self.kernel
             x = x if x.is_contiguous() else x.contiguous()
@@ -206,7 +210,8 @@ def _packed(cached: _Packed | None, modules: list[nn.Module], adapted: Sequence[
                 column += width
             row += size
         b_banks = pack(b_banks)
-    return _Packed(source, bank_version, pack(weight), _bias(bases, extra=width * len(adapted)), sum(sizes), b_banks, len(adapted))
+    return _Packed(source, bank_version, pack(weight), _bias(bases, extra=width * len(adapted)), sum(sizes), b_banks, len(adapted),
+                   gains=_gains(modules, routing, bases[0].weight.device) if banks else None)
 
 
 def _by_kernel(cached: _Packed | None, plain: _Packed, modules: list[nn.Module], routing: Routing,
@@ -222,7 +227,19 @@ def _by_kernel(cached: _Packed | None, plain: _Packed, modules: list[nn.Module],
     device = bases[0].weight.device
     banks = [m.bank(routing, torch.bfloat16, device) if isinstance(m, LoraLinear) else None for m in modules]
     a, b, segments = routed_lora.layout(banks, [base.out_features for base in bases], routing.table.slots)
-    return _Packed(plain.source, bank_version, plain.weight, plain.bias, plain.width, kernel=(kernel, a, b, segments))
+    return _Packed(plain.source, bank_version, plain.weight, plain.bias, plain.width, kernel=(kernel, a, b, segments),
+                   gains=_gains(modules, routing, device))
+
+
+def _gains(modules: list[nn.Module], routing: Routing, device: torch.device) -> torch.Tensor | None:
+    """The group's DoRA gains side by side, (S, width): each DoRA layer's dora_gains, zeros for the
+    other layers; None when no layer of the group has a DoRA adapter."""
+    parts = [m.dora_gains(routing, torch.bfloat16, device) if isinstance(m, LoraLinear) else None for m in modules]
+    if all(p is None for p in parts):
+        return None
+    count = routing.table.slots
+    return torch.cat([p if p is not None else torch.zeros(count, _base(m).out_features, dtype=torch.bfloat16, device=device)
+                      for p, m in zip(parts, modules)], dim=1)
 
 
 def _merged_weight(layer: LoraLinear, name: str) -> torch.Tensor:

@@ -248,9 +248,11 @@ class LoraLinear(nn.Module):
         if rows != routing.rows:
             raise LorakitError(f"adapter routing has {routing.rows} rows but the batch has {rows}; pass one adapter name per row")
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else result.dtype
-        a_bank, b_bank = self.bank(routing, dtype, x.device)  # (S*R, in), (out, S*R)
+        a_bank, b_bank, gains = self._banks(routing, dtype, x.device)  # (S*R, in), (out, S*R), DoRA's (S, out)
         if x.dtype != dtype:
             x = x.to(dtype)
+        if gains is not None:  # DoRA rows: the base output W x rescaled per feature first
+            result = apply_dora_gains(result, getattr(self.base_layer, "bias", None), routing.slot_weights(gains.dtype) @ gains)
         if routing.single_slot:  # one adapter for the whole batch: its own rank columns only
             width = routing.table.rank_width
             cols = slice((routing.single_slot - 1) * width, routing.single_slot * width)
@@ -268,39 +270,53 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def bank(self, routing: Routing, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """A of every adapter in the slot table stacked by slot, (S*R, in), and scaling * B side by side,
-        (out, S*R); each slot zero-padded to the table's rank R, zero for adapters this layer lacks.
-        Rebuilt only when the table or an adapter's weights change."""
+        (out, S*R); each slot zero-padded to the table's rank R, zero for adapters this layer lacks. A DoRA
+        adapter's B rows carry its magnitude scale m/n (the base output's share is dora_gains').
+        Rebuilt only when the table, an adapter's weights or the base weight change."""
+        return self._banks(routing, dtype, device)[:2]
+
+    def dora_gains(self, routing: Routing, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """(S, out): m/n - 1 of each DoRA adapter's slot, zero for the other slots; None when this layer has
+        no DoRA adapter. Row b's base output W x (bias excluded) gains slot_weights[b] @ gains: with B's
+        rows scaled by m/n, a row on DoRA adapter j at weight w gets W x + w ((m/n - 1) W x + m/n s B A x),
+        DoRA's output at w = 1 and, in a mix, the weighted sum of each adapter's change (as for LoRA)."""
+        return self._banks(routing, dtype, device)[2]
+
+    def _banks(self, routing: Routing, dtype: torch.dtype, device: torch.device) -> tuple:
         table = routing.table
-        self._refuse_dora_rows(routing)
-        key = (table.version, table.weights_version, dtype, device)
+        key = (table.version, table.weights_version, self.base_layer.weight._version, dtype, device)
         cached = getattr(self, "_bank", None)
         if cached is not None and cached[0] == key:
             return cached[1]
         count, width = table.slots, table.rank_width
         a_bank = torch.zeros(count, width, self.in_features, dtype=dtype, device=device)
         b_bank = torch.zeros(self.out_features, count, width, dtype=dtype, device=device)
+        gains = None
         for name, slot in table.slot_of.items():
-            if name in self.lora_A and not self.is_dora(name):  # a DoRA slot stays zero: no row may use it
+            if name in self.lora_A:
                 r = self.lora_A[name].weight.shape[0]
+                b = self.lora_B[name].weight.float() * self.scaling[name]
+                if self.is_dora(name):
+                    scale = dora.magnitude_scale(self.lora_magnitude_vector[name].float(), self.dora_norm(name)).to(device)
+                    b = b * scale[:, None]
+                    gains = torch.zeros(count, self.out_features, dtype=dtype, device=device) if gains is None else gains
+                    gains[slot - 1] = (scale - 1).to(dtype)
                 a_bank[slot - 1, :r] = self.lora_A[name].weight.to(dtype)
-                b_bank[:, slot - 1, :r] = (self.lora_B[name].weight.float() * self.scaling[name]).to(dtype)
-        banks = (a_bank.view(count * width, self.in_features), b_bank.view(self.out_features, count * width))
+                b_bank[:, slot - 1, :r] = b.to(dtype)
+        banks = (a_bank.view(count * width, self.in_features), b_bank.view(self.out_features, count * width), gains)
         self._bank = (key, banks)
         return banks
 
-    def _refuse_dora_rows(self, routing: Routing) -> None:
-        """Rows on a DoRA adapter are refused in one line (its magnitude rescale is not in the banks yet);
-        other rows of the batch, and batches without such rows, run as usual."""
-        dora_slots = {slot: name for name, slot in routing.table.slot_of.items() if self.is_dora(name)}
-        if not dora_slots:
-            return
-        used = set(routing.slots.unique().tolist()) & set(dora_slots)
-        if used:
-            raise LorakitError(f"adapter {dora_slots[min(used)]!r} uses DoRA, which per-row adapter batches do not run yet; "
-                               "use it as the model's active adapter, or merge it (merge_and_unload) into a base of its own")
-
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={list(self.lora_A)}, active={self.active_adapters}"
+
+
+def apply_dora_gains(result: torch.Tensor, bias: torch.Tensor | None, gains: torch.Tensor) -> torch.Tensor:
+    """result + (result - bias) * gains: each row's base output W x (its bias kept as it is) rescaled per
+    feature by DoRA rows' gains (B, out), which broadcast over the tokens of a row."""
+    gains = gains.view(gains.shape[0], *[1] * (result.dim() - 2), gains.shape[-1]).to(result.dtype)
+    base = result if bias is None else result - bias.to(result.dtype)
+    return result + base * gains
 
 
 class ModulesToSave(nn.Module):

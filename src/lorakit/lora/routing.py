@@ -58,14 +58,21 @@ class Routing:
     def rows(self) -> int:
         return self.slots.shape[1]
 
+    def slot_weights(self, dtype: torch.dtype) -> torch.Tensor:
+        """(B, S): row b's weight for each bank slot 1..S (0 where the row does not use it). Built once per
+        forward pass (every layer reads the same)."""
+        key = ("slots", dtype)
+        if key not in self._scales:
+            per_slot = torch.zeros(self.rows, self.table.slots + 1, device=self.slots.device)
+            per_slot.scatter_add_(1, self.slots.T, self.weights.T)  # (B, S + 1); slot 0 collects the unused
+            self._scales[key] = per_slot[:, 1:].to(dtype)
+        return self._scales[key]
+
     def column_scales(self, dtype: torch.dtype) -> torch.Tensor:
         """(B, S * R): row b's weight for every rank column of every bank slot 1..S (0 where the row does
         not use that slot). The same for every layer, so it is built once per forward pass."""
         if dtype not in self._scales:
-            count, width = self.table.slots, self.table.rank_width
-            per_slot = torch.zeros(self.rows, count + 1, device=self.slots.device)
-            per_slot.scatter_add_(1, self.slots.T, self.weights.T)  # (B, S + 1); slot 0 collects the unused
-            self._scales[dtype] = per_slot[:, 1:].repeat_interleave(width, dim=1).to(dtype)
+            self._scales[dtype] = self.slot_weights(torch.float32).repeat_interleave(self.table.rank_width, dim=1).to(dtype)
         return self._scales[dtype]
 
 
