@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 from typing import Callable
 
 import torch
@@ -48,15 +49,18 @@ def quality() -> None:
                   f"mean {float(oerr.mean() / exact.abs().mean()):.4f} | {q.nbytes / (n * k * 2):.3f}x bf16's bytes")
 
 
-def _best(methods: dict[str, Callable[[], None]], rounds: int, calls: int) -> dict[str, float]:
-    """Seconds per call of each method: the best of `rounds`, the methods interleaved in each."""
-    best = dict.fromkeys(methods, float("inf"))
+def _best(methods: dict[str, list[Callable[[], object]]], rounds: int) -> dict[str, float]:
+    """Seconds per call of each method: every call timed alone, each copy's best of `rounds`, averaged
+    over the copies (a call preempted on a shared machine is then dropped, not averaged in); the
+    methods interleaved in each round."""
+    best = {name: [float("inf")] * len(calls) for name, calls in methods.items()}
     for _ in range(rounds):
-        for name, run in methods.items():
-            start = time.perf_counter()
-            run()
-            best[name] = min(best[name], (time.perf_counter() - start) / calls)
-    return best
+        for name, calls in methods.items():
+            for i, call in enumerate(calls):
+                start = time.perf_counter()
+                call()
+                best[name][i] = min(best[name][i], time.perf_counter() - start)
+    return {name: sum(times) / len(times) for name, times in best.items()}
 
 
 def decode(rounds: int, pool_mb: float) -> None:
@@ -70,11 +74,11 @@ def decode(rounds: int, pool_mb: float) -> None:
                   **{name: qs[0].nbytes for name, qs in quantized.items()}}
         for rows in (1, 16):
             x = torch.randn(rows, k).bfloat16()
-            methods = {"bf16 F.linear": lambda: [F.linear(x, w) for w in weights],
-                       "bf16 oneDNN packed": lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed]}
+            methods = {"bf16 F.linear": [partial(F.linear, x, w) for w in weights],
+                       "bf16 oneDNN packed": [partial(torch.ops.mkldnn._linear_pointwise, x, p, None, "none", [], "") for p in packed]}
             for name, qs in quantized.items():
-                methods[name] = lambda qs=qs: [qm.matmul(x, q) for q in qs]
-            times = _best(methods, rounds, copies)
+                methods[name] = [partial(qm.matmul, x, q) for q in qs]
+            times = _best(methods, rounds)
             base = times["bf16 F.linear"]
             print(f"  {label:18s} B={rows:<2d} ({copies} copies) " + "  ".join(
                 f"{name} {t * 1e6:.0f}us x{base / t:.2f} {nbytes[name] / t / 1e9:.1f}GB/s" for name, t in times.items()))
@@ -92,8 +96,8 @@ def prefill(rounds: int) -> None:
         cells = []
         for rows in (8, 16, 32, 64, 256):
             x = torch.randn(rows, k).bfloat16()
-            times = _best({"kernel": lambda: linear(x, q.data, q.scales, n, q.block, None),
-                           "dequantize+oneDNN": lambda: F.linear(x, dequantize(q.data, q.scales, n, k, q.block))}, rounds, 1)
+            times = _best({"kernel": [partial(linear, x, q.data, q.scales, n, q.block, None)],
+                           "dequantize+oneDNN": [lambda: F.linear(x, dequantize(q.data, q.scales, n, k, q.block))]}, rounds)
             cells.append(f"B={rows} {times['kernel'] * 1e6:.0f} vs {times['dequantize+oneDNN'] * 1e6:.0f}")
         print(f"  {name:8s} kernel vs dequantize+oneDNN: " + ", ".join(cells))
 

@@ -35,7 +35,7 @@ def _x(rows: int, k: int, seed: int = 1) -> torch.Tensor:
 
 @pytest.mark.parametrize("fmt", QUANTIZE)
 @pytest.mark.parametrize("n,k,block", SHAPES)
-@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("rows", [1, 3, 16, 40])  # 16 and 40: AMX tiles where the CPU has them, one partly filled
 def test_the_kernel_computes_x_times_the_dequantized_weight(portable, fmt, n, k, block, rows) -> None:
     q = QUANTIZE[fmt](_weight(n, k), block)
     x, bias = _x(rows, k), torch.randn(n).bfloat16()
@@ -64,17 +64,17 @@ def test_a_rows_result_does_not_depend_on_the_batch_around_it(portable, fmt) -> 
     q = QUANTIZE[fmt](_weight(96, 200), 32)
     x = _x(16, 200)
     together = qm.matmul(x, q, portable=portable)
-    for row in (1, 6, 15):  # one row alone runs other tiles (one row, four column blocks) than 16 do
+    for row in (1, 6, 15):  # one row alone runs other tiles (one row, four column blocks) than 16 do (AMX)
         assert torch.equal(qm.matmul(x[row : row + 1], q, portable=portable)[0], together[row])
 
 
 @pytest.mark.parametrize("fmt", QUANTIZE)
 def test_many_rows_dequantize_once_and_match_f_linear(portable, fmt) -> None:
     q = QUANTIZE[fmt](_weight(50, 200), 64)
-    x = torch.randn(2, 20, 200).bfloat16()  # 40 rows > DECODE_ROWS, and leading dims kept
-    assert 2 * 20 > qm.DECODE_ROWS
+    x = torch.randn(2, 80, 200).bfloat16()  # 160 rows > DECODE_ROWS, and leading dims kept
+    assert 2 * 80 > qm.DECODE_ROWS
     mine = qm.matmul(x, q, portable=portable)
-    assert mine.shape == (2, 20, 50)
+    assert mine.shape == (2, 80, 50)
     assert torch.equal(mine, F.linear(x, qm.dequantize(q)))  # the same bf16 weight, the same matmul
 
 

@@ -5,8 +5,9 @@
 // arithmetic: int8 halves what bf16 reads, 4 bits (plus a bf16 scale per block) cut it to ~0.28.
 // Each row of x is quantized to int8 on the fly (a scale per block of K, as llama.cpp's Q8_0
 // activations), and the integer dot products run on AVX-512 VNNI (vpdpbusd: 64 multiply-adds of
-// unsigned by signed bytes into 16 int32 sums) where the CPU has it; plain loops doing the same
-// integer arithmetic elsewhere. The weights are the unsigned operand (int8 stored +128; 4-bit codes
+// unsigned by signed bytes into 16 int32 sums) where the CPU has it, from 16 rows on AMX tiles
+// (16 rows x 16 columns a block deep per instruction) where it has those; plain loops doing the same
+// integer arithmetic elsewhere, so every path gives the same sums. The weights are the unsigned operand (int8 stored +128; 4-bit codes
 // 0..15), so the correction for that offset depends only on x's sums (computed with its quantization).
 //
 // Packed layout: output columns in blocks of 16 (one zmm of int32 sums), and within a block K in
@@ -24,12 +25,18 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define LORAKIT_QUANT_VNNI 1
 #include <immintrin.h>
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
+#define LORAKIT_QUANT_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #endif
 
 namespace {
 
 using lorakit::bf16_to_float;
 constexpr int64_t kCols = 16;  // output columns per packed block
+constexpr int64_t kAmxRows = 16;  // from this many rows of x on, AMX tiles (where the CPU has them)
 
 // x's rows quantized to int8, a scale per block of K: x[r, k] ~ q[r, k] * scale[r, k / block].
 struct QuantizedRows {
@@ -41,10 +48,18 @@ struct QuantizedRows {
 // One block of a row: absmax / 127 as its scale, each value rounded to the nearest (even) integer.
 inline void quantize_block(const uint16_t* x, int64_t count, int64_t block, int8_t* q, float& scale, int32_t& sum) {
   float amax = 0.f;
-  for (int64_t i = 0; i < count; ++i) amax = std::max(amax, std::fabs(bf16_to_float(x[i])));
+  int64_t i = 0;
+#if defined(LORAKIT_QUANT_VNNI)
+  __m512 vmax = _mm512_setzero_ps();
+  for (; i + 16 <= count; i += 16)
+    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))), 16))));
+  amax = _mm512_reduce_max_ps(vmax);
+#endif
+  for (; i < count; ++i) amax = std::max(amax, std::fabs(bf16_to_float(x[i])));
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
   int32_t total = 0;
-  int64_t i = 0;
+  i = 0;
 #if defined(LORAKIT_QUANT_VNNI)
   const __m512 vinv = _mm512_set1_ps(inv);
   __m512i vsum = _mm512_setzero_si512();
@@ -67,9 +82,10 @@ inline void quantize_block(const uint16_t* x, int64_t count, int64_t block, int8
   sum = total;
 }
 
+// Rows past `rows` (up to a multiple of 16: what an AMX tile reads) are zeros.
 QuantizedRows quantize_rows(const uint16_t* x, int64_t rows, int64_t k, int64_t kp, int64_t block) {
-  const int64_t blocks = kp / block;
-  QuantizedRows out{std::vector<int8_t>(rows * kp), std::vector<float>(rows * blocks), std::vector<int32_t>(rows * blocks)};
+  const int64_t blocks = kp / block, padded = (rows + 15) / 16 * 16;
+  QuantizedRows out{std::vector<int8_t>(padded * kp), std::vector<float>(padded * blocks), std::vector<int32_t>(padded * blocks)};
   at::parallel_for(0, rows * blocks, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = i / blocks, first = (i % blocks) * block;
@@ -161,6 +177,76 @@ inline void q4_tile(const Tile& t, float* result) {
 }
 #endif
 
+
+#if defined(LORAKIT_QUANT_AMX)
+// AMX: a 16 x 16 tile of int32 sums per instruction (16 rows of x by one column block, a block of
+// K deep). The packed layout is already what a B tile wants (K / 4 rows of 16 columns x 4 bytes).
+// Linux hands out the tile registers only on request, once per process.
+bool amx_ready() {
+  static const bool ready = [] {
+    constexpr long kReqPerm = 0x1023, kXtileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kReqPerm, kXtileData) == 0;
+  }();
+  return ready;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tmm0: sums (16 rows x 16 int32), tmm1: 16 rows of x's block codes, tmm2: the weights' block.
+void configure_tiles(int64_t block) {
+  TileConfig config;
+  config.rows[0] = 16; config.colsb[0] = 64;
+  config.rows[1] = 16; config.colsb[1] = static_cast<uint16_t>(block);
+  config.rows[2] = static_cast<uint8_t>(block / 4); config.colsb[2] = 64;
+  _tile_loadconfig(&config);
+}
+
+// result[r * 16 + j] for 16 rows of x (q: kp codes a row) by one column block, as the tiles above.
+template <bool Q4>
+void amx_tile(const Tile& t, float* result, uint8_t* unpacked) {
+  const int64_t blocks = t.kp / t.block;
+  alignas(64) int32_t sums[16 * 16];
+  __m512 facc[16];
+  for (int r = 0; r < 16; ++r) facc[r] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* weights = t.w + b * t.block * kCols;
+    if (Q4) {  // the block's nibbles as bytes, in the int8 layout the tile loads
+      for (int64_t g = 0; g < t.block / 8; ++g) {
+        const __m512i v = _mm512_loadu_si512(t.w + (b * t.block + g * 8) * kCols / 2);
+        _mm512_store_si512(unpacked + g * 128, _mm512_and_si512(v, low));
+        _mm512_store_si512(unpacked + g * 128 + 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+      }
+      weights = unpacked;
+    }
+    _tile_zero(0);
+    _tile_loadd(1, t.q + b * t.block, t.kp);
+    _tile_loadd(2, weights, 64);
+    _tile_dpbsud(0, 1, 2);  // x signed, weights unsigned
+    _tile_stored(0, sums, 64);
+    __m512 s = _mm512_set1_ps(1.f);
+    if (Q4)
+      s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(t.scales + b * kCols))), 16));
+    for (int r = 0; r < 16; ++r) {
+      __m512i acc = _mm512_load_si512(sums + r * 16);
+      const __m512 d = _mm512_set1_ps(t.dx[r * blocks + b]);
+      if (Q4) {
+        acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(8 * t.xsum[r * blocks + b]));
+        facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(s, d), facc[r]);
+      } else {
+        facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), d, facc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < 16; ++r) _mm512_storeu_ps(result + r * kCols, facc[r]);
+}
+#endif
+
 // The same arithmetic in plain loops (the portable build, and CPUs without AVX-512 VNNI).
 template <bool Q4>
 void plain_tile(const Tile& t, int rows, int cols, float* result) {
@@ -209,6 +295,34 @@ void run_tile(const Tile& t, int rows, int cols, float* result) {
   plain_tile<Q4>(t, rows, cols, result);
 }
 
+// A finite fp32 value rounded to the nearest bf16 (ties to even), as torch's .bfloat16() rounds it.
+inline uint16_t round_bf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+// One column block's 16 sums to bf16 outputs: out[first + j] = round(scale * (sum - correction) + bias)
+// (int8: the per-channel scale and the +128 offset's correction; 4-bit: `scale` null), columns past n dropped.
+inline void write_columns(uint16_t* out, const float* sums, int64_t first, int64_t n, const float* scale,
+                          float correction, const float* bias) {
+  const int64_t count = std::min<int64_t>(kCols, n - first);
+#if defined(LORAKIT_QUANT_VNNI) && defined(__AVX512BF16__)
+  const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1);
+  __m512 v = _mm512_loadu_ps(sums);
+  if (scale) v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, scale + first), _mm512_sub_ps(v, _mm512_set1_ps(correction)));
+  if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + first));
+  _mm256_mask_storeu_epi16(out + first, mask, (__m256i)_mm512_cvtneps_pbh(v));
+#else
+  for (int64_t j = 0; j < count; ++j) {
+    float v = sums[j];
+    if (scale) v = scale[first + j] * (v - correction);
+    if (bias) v += bias[first + j];
+    out[first + j] = round_bf16(v);
+  }
+#endif
+}
+
 // y = x W^T (+ bias) for either format: `column_scale` (int8: the per-channel scale, applied at the
 // end with the +128 offset's correction) or the 4-bit block scales inside the tiles.
 template <bool Q4>
@@ -245,15 +359,25 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& data, const at::T
   const uint8_t* w = data.data_ptr<uint8_t>();
   const float* col_scale = Q4 ? nullptr : scales.data_ptr<float>();
   const uint16_t* block_scale = Q4 ? reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>()) : nullptr;
-  const int cmax = rows == 1 ? 4 : 2;  // one row: four column blocks' sums in flight; more: 4 rows x 2
+#if defined(LORAKIT_QUANT_AMX)
+  const bool amx = rows >= kAmxRows && amx_ready();
+#else
+  const bool amx = false;
+#endif
+  // Tiles: AMX's 16 rows x 1 column block; else one row x 4 column blocks (four sums in flight), or 4 x 2.
+  const int cmax = amx ? 1 : rows == 1 ? 4 : 2, rmax = amx ? 16 : 4;
   const int64_t groups = (col_blocks + cmax - 1) / cmax;
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> result(4 * cmax * kCols);
+    std::vector<float> result(rmax * cmax * kCols);
+#if defined(LORAKIT_QUANT_AMX)
+    alignas(64) uint8_t unpacked[64 * 64];  // a 4-bit block's codes as bytes (up to 64 x 16 columns)
+    if (amx) configure_tiles(block);
+#endif
     for (int64_t g = begin; g < end; ++g) {
       const int64_t first = g * cmax;
       const int cols = static_cast<int>(std::min<int64_t>(cmax, col_blocks - first));
-      for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-        const int tile_rows = static_cast<int>(std::min<int64_t>(4, rows - r0));
+      for (int64_t r0 = 0; r0 < rows; r0 += rmax) {
+        const int tile_rows = static_cast<int>(std::min<int64_t>(rmax, rows - r0));
         const Tile t{w + first * kp * kCols / (Q4 ? 2 : 1), kp * kCols / (Q4 ? 2 : 1),
                      Q4 ? block_scale + first * blocks * kCols : nullptr, blocks * kCols,
                      qx.q.data() + r0 * kp, qx.scale.data() + r0 * blocks, qx.sum.data() + r0 * blocks, kp, block};
@@ -263,20 +387,20 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& data, const at::T
           Tile part = t;
           part.w += c0 * t.col_stride;
           if (Q4) part.scales += c0 * t.scale_stride;
+#if defined(LORAKIT_QUANT_AMX)
+          if (amx) amx_tile<Q4>(part, result.data(), unpacked); else
+#endif
           run_tile<Q4>(part, tile_rows, tile_cols, result.data());
           for (int r = 0; r < tile_rows; ++r)
             for (int c = 0; c < tile_cols; ++c)
-              for (int64_t j = 0; j < kCols; ++j) {
-                const int64_t col = (first + c0 + c) * kCols + j;
-                if (col >= n) continue;
-                float v = result[(r * tile_cols + c) * kCols + j];
-                if (!Q4) v = col_scale[col] * (v - correction[r0 + r]);
-                if (bias_ptr) v += bias_ptr[col];
-                out_ptr[(r0 + r) * n + col] = c10::BFloat16(v).x;
-              }
+              write_columns(out_ptr + (r0 + r) * n, result.data() + (r * tile_cols + c) * kCols, (first + c0 + c) * kCols, n,
+                            col_scale, correction[r0 + r], bias_ptr);
         }
       }
     }
+#if defined(LORAKIT_QUANT_AMX)
+    if (amx) _tile_release();
+#endif
   });
   return out;
 }
@@ -305,24 +429,37 @@ at::Tensor quant_dequantize(const at::Tensor& data, const at::Tensor& scales, in
   at::Tensor out = at::empty({n, k}, data.options().dtype(at::kBFloat16));
   auto* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const uint8_t* w = data.data_ptr<uint8_t>();
+  const float* column_scale = Q4 ? nullptr : scales.data_ptr<float>();
+  const uint16_t* block_scale = Q4 ? reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>()) : nullptr;
+  // Row by row: its codes gathered from the packed groups (4 bytes, or 8 nibbles, per group) into a
+  // buffer as signed values, then scaled and rounded in a loop the compiler vectorizes.
   at::parallel_for(0, col_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int8_t> codes(kp);
     for (int64_t cb = begin; cb < end; ++cb)
       for (int64_t j = 0; j < kCols && cb * kCols + j < n; ++j) {
         const int64_t col = cb * kCols + j;
         uint16_t* row = o + col * k;
         if (Q4) {
           const uint8_t* src = w + cb * kp * kCols / 2 + j * 4;
-          const uint16_t* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>()) + cb * blocks * kCols + j;
-          for (int64_t kk = 0; kk < k; ++kk) {
-            const uint8_t byte = src[(kk / 8) * 64 + kk % 4];
-            const int32_t code = (kk % 8 < 4) ? (byte & 0x0F) : (byte >> 4);
-            row[kk] = c10::BFloat16(static_cast<float>(code - 8) * bf16_to_float(s[(kk / block) * kCols])).x;
+          for (int64_t g = 0; g < kp / 8; ++g)
+            for (int i = 0; i < 4; ++i) {
+              codes[g * 8 + i] = static_cast<int8_t>((src[g * 64 + i] & 0x0F) - 8);
+              codes[g * 8 + 4 + i] = static_cast<int8_t>((src[g * 64 + i] >> 4) - 8);
+            }
+          const uint16_t* s = block_scale + cb * blocks * kCols + j;
+          for (int64_t b = 0; b * block < k; ++b) {
+            const float scale = bf16_to_float(s[b * kCols]);
+            const int64_t last = std::min(k, (b + 1) * block);
+#pragma omp simd
+            for (int64_t kk = b * block; kk < last; ++kk) row[kk] = round_bf16(static_cast<float>(codes[kk]) * scale);
           }
         } else {
           const uint8_t* src = w + cb * kp * kCols + j * 4;
-          const float s = scales.data_ptr<float>()[col];
-          for (int64_t kk = 0; kk < k; ++kk)
-            row[kk] = c10::BFloat16(static_cast<float>(static_cast<int32_t>(src[(kk / 4) * 64 + kk % 4]) - 128) * s).x;
+          for (int64_t g = 0; g < kp / 4; ++g)
+            for (int i = 0; i < 4; ++i) codes[g * 4 + i] = static_cast<int8_t>(static_cast<int32_t>(src[g * 64 + i]) - 128);
+          const float scale = column_scale[col];
+#pragma omp simd
+          for (int64_t kk = 0; kk < k; ++kk) row[kk] = round_bf16(static_cast<float>(codes[kk]) * scale);
         }
       }
   });
