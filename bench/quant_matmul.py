@@ -94,7 +94,7 @@ def prefill(rounds: int) -> None:
         linear = ops.quant_linear_int8 if q.format == "int8" else ops.quant_linear_q4
         dequantize = ops.quant_dequantize_int8 if q.format == "int8" else ops.quant_dequantize_q4
         cells = []
-        for rows in (8, 16, 32, 64, 256):
+        for rows in (16, 64, 128, 256, 512):
             x = torch.randn(rows, k).bfloat16()
             times = _best({"kernel": [partial(linear, x, q.data, q.scales, n, q.block, None)],
                            "dequantize+oneDNN": [lambda: F.linear(x, dequantize(q.data, q.scales, n, k, q.block))]}, rounds)
