@@ -54,3 +54,22 @@ def test_gemma3_270m_loads_as_gemma3_with_its_tokenizer() -> None:
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:]) or "capital" in tokenizer.decode(out[0, ids.shape[1]:])
+
+
+@pytest.mark.slow
+def test_gemma3_270m_is_prompted_with_alpaca_and_one_bos() -> None:
+    """The base model has no chat template (its GGUF carries none, as google/gemma-3-270m's own files):
+    `auto` is alpaca, and an example starts with exactly one <bos> (Gemma degrades without it)."""
+    from lorakit import load_tokenizer
+    from lorakit.data.formats import Sample
+    from lorakit.data.templates import ALPACA, get_template
+    from lorakit.data.tokenize import IGNORE_INDEX, eval_prompt, tokenize_sample
+
+    tokenizer = load_tokenizer("gemma3-270m")
+    assert not tokenizer.chat_template and get_template("auto", tokenizer) is ALPACA
+    sample = Sample(where="test", instruction="Say hi.", output="hi")
+    example = tokenize_sample(sample, tokenizer, ALPACA)
+    assert example.input_ids[:2].count(tokenizer.bos_token_id) == 1 and example.input_ids[0] == tokenizer.bos_token_id
+    assert example.labels[0] == IGNORE_INDEX and example.input_ids[-1] == example.labels[-1] == tokenizer.eos_token_id
+    prompt = eval_prompt(sample, tokenizer, ALPACA).prompt_ids  # what eval and the table prompt with
+    assert prompt == example.input_ids[:len(prompt)] and example.labels[len(prompt)] != IGNORE_INDEX
