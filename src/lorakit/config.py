@@ -15,9 +15,12 @@ BIAS_MODES = ("none", "all", "lora_only")
 UNSUPPORTED_PEFT_KEYS = (
     "lora_bias", "layers_to_transform", "layer_replication", "trainable_token_indices",
 )
-INIT_METHODS = ("gaussian", "pissa", "pissa_niter_N", "olora", "loftq")
-"""peft's init_lora_weights strings lorakit runs (besides True and False); lora/init.py does each. Not yet:
-"eva" (needs a data pass over the train set), "corda", "lora_ga", "orthogonal", "mica"."""
+INIT_METHODS = ("gaussian", "pissa", "pissa_niter_N", "olora", "loftq", "eva")
+"""peft's init_lora_weights strings lorakit runs (besides True and False); lora/init.py does each ("eva" then
+needs a data pass: lora/eva.py). Not yet: "corda", "lora_ga", "orthogonal", "mica"."""
+EVA_DEFAULTS: dict[str, Any] = {"rho": 2.0, "tau": 0.99, "use_label_mask": True, "label_mask_value": -100,
+                                "whiten": False, "adjust_scaling_factors": True}
+"""peft's EvaConfig fields and defaults (eva_config's keys)."""
 
 
 class TaskType(str, enum.Enum):
@@ -70,10 +73,14 @@ class LoraConfig:
     init_lora_weights: bool | str = setting(
         True, "true (A Kaiming, B zero) | false (both random: not a no-op) | gaussian | pissa | pissa_niter_N | olora "
         "(pissa / olora move the top of W into the adapter and leave the residual in the base) | loftq (needs "
-        "loftq_config)")
+        "loftq_config) | eva (A from the train data's activations: eva_config)")
     rank_pattern: dict[str, int] = setting({}, "per-layer ranks: {regex: r}, a key matching the end of a module path (peft's rule)")
     alpha_pattern: dict[str, float] = setting({}, "per-layer lora_alpha: {regex: alpha}, matched like rank_pattern")
     loftq_config: dict[str, int] = setting({}, "for init_lora_weights loftq: {loftq_bits: 4, loftq_iter: 1}")
+    eva_config: dict[str, Any] | None = setting(
+        None, "for init_lora_weights eva (A from the SVD of each layer's inputs on the first train batches, ranks "
+        "redistributed): {rho: 2.0, tau: 0.99, use_label_mask: true, label_mask_value: -100, whiten: false, "
+        "adjust_scaling_factors: true} (peft's EvaConfig; unset keys take these defaults)")
 
     def __post_init__(self) -> None:
         # peft accepts sets (and stores them as lists); so does lorakit.
@@ -133,6 +140,7 @@ class LoraConfig:
             found.append(f"loftq_config loftq_bits must be 4 or 8 (got {loftq.get('loftq_bits')!r})")
         if init == "loftq" and not (isinstance(iters := loftq.get("loftq_iter", 1), int) and iters >= 1):
             found.append(f"loftq_config loftq_iter must be a whole number >= 1 (got {iters!r})")
+        found += eva_problems(self.eva_config)
         for name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
             value = getattr(self, name)
             if not isinstance(value, dict) or not all(
@@ -184,6 +192,7 @@ class LoraConfig:
             "lora_bias": False,
             "lora_dropout": self.lora_dropout,
             "loftq_config": dict(self.loftq_config),
+            "eva_config": eva_settings(self) if self.init_lora_weights == "eva" else self.eva_config,
             "modules_to_save": self.modules_to_save,
             "peft_type": "LORA",
             "r": self.r,
@@ -222,8 +231,34 @@ def init_method(value: bool | str) -> str | None:
     return value if value in INIT_METHODS else None
 
 
+def eva_problems(eva_config: Any) -> list[str]:
+    """What is wrong with an eva_config (peft's EvaConfig checks, and unknown keys)."""
+    if eva_config is None:
+        return []
+    if not isinstance(eva_config, dict):
+        return [f"eva_config must be a mapping like {{rho: 2.0, tau: 0.99}} (got {eva_config!r})"]
+    found = [f"eva_config has no setting {k!r}; use {', '.join(EVA_DEFAULTS)}" for k in eva_config if k not in EVA_DEFAULTS]
+    values = {**EVA_DEFAULTS, **eva_config}
+    rho, tau = values["rho"], values["tau"]
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 1:
+        found.append(f"eva_config rho must be a number >= 1 (got {rho!r}); 1 keeps every layer at r, 2 lets one reach 2r")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau <= 1:
+        found.append(f"eva_config tau must be in [0, 1] (got {tau!r}); peft's default is 0.99")
+    for key in ("use_label_mask", "whiten", "adjust_scaling_factors"):
+        if not isinstance(values[key], bool):
+            found.append(f"eva_config {key} must be true or false (got {values[key]!r})")
+    if isinstance(values["label_mask_value"], bool) or not isinstance(values["label_mask_value"], int):
+        found.append(f"eva_config label_mask_value must be an integer (got {values['label_mask_value']!r}); -100 is the ignored label")
+    return found
+
+
+def eva_settings(config: LoraConfig) -> dict[str, Any]:
+    """The adapter's eva_config with peft's defaults filled in (what peft's EvaConfig holds)."""
+    return {**EVA_DEFAULTS, **(config.eva_config or {})}
+
+
 def replace(config: LoraConfig, **changes: Any) -> LoraConfig:
     return dataclasses.replace(config, **changes)
 
 
-__all__ = ["LoraConfig", "TaskType", "BIAS_MODES", "INIT_METHODS", "init_method", "replace", "setting", "settings"]
+__all__ = ["LoraConfig", "TaskType", "BIAS_MODES", "INIT_METHODS", "EVA_DEFAULTS", "eva_settings", "init_method", "replace", "setting", "settings"]

@@ -11,6 +11,8 @@
                   loses, alternated loftq_iter times (LoftQ): the base then quantizes without that error.
                   On a base already in NF4, W is read from the base's checkpoint and A, B start from
                   W - dequantize(Q) (one iteration; peft's replace_lora_weights_loftq)
+  "eva"           B zero, A nn.Linear's default until lora/eva.py's data pass sets it from the top right-singular
+                  vectors of the layer's inputs (and redistributes the ranks); W untouched
 
 Each is one small function in METHODS (no string `elif` chain); each computes in fp32 and reproduces
 peft 0.21's numbers for the same seed, so peft and lorakit start from the same adapter (LoftQ: peft's
@@ -96,6 +98,10 @@ def _gaussian(layer: LoraLinear, name: str, init: bool | str, loftq_config: dict
     nn.init.zeros_(layer.lora_B[name].weight)
 
 
+def _eva(layer: LoraLinear, name: str, init: bool | str, loftq_config: dict) -> None:
+    nn.init.zeros_(layer.lora_B[name].weight)  # A waits for the data pass (lora/eva.py), as in peft
+
+
 def _pissa(layer: LoraLinear, name: str, init: bool | str, loftq_config: dict) -> None:
     weight = layer.dense_weight()  # (out, in) fp32
     r, scaling = layer.lora_A[name].weight.shape[0], layer.scaling[name]
@@ -153,5 +159,5 @@ def _set_factors(layer: LoraLinear, name: str, lora_a: torch.Tensor, lora_b: tor
 
 METHODS: dict[str, Callable[[LoraLinear, str, bool | str, dict], None]] = {
     "true": _kaiming, "gaussian": _gaussian, "pissa": _pissa, "pissa_niter": _pissa, "olora": _olora,
-    "loftq": _loftq,
+    "loftq": _loftq, "eva": _eva,
 }

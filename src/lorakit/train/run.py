@@ -28,7 +28,7 @@ from lorakit.train.config import RunConfig
 from lorakit.train.distributed import init_distributed, shard_base
 from lorakit.train.loop import train
 from lorakit.train.outputs import check_output_dir, run_figures, write_run_config, write_summary
-from lorakit.train.step import evaluate_loss
+from lorakit.train.step import evaluate_loss, forward_loss
 
 
 @dataclass
@@ -88,6 +88,8 @@ def run_training(config: RunConfig, log=print) -> dict:
     model = load_base_model(config, replicas.device)
     torch.manual_seed(config.train.seed)
     peft_model = get_peft_model(model, config.lora)
+    if config.lora.init_lora_weights == "eva":  # before the report: EVA may change the ranks
+        eva_initialise(peft_model, train_rows, config, log)
     if replicas.is_main:
         peft_model.print_trainable_parameters()
     if config.train.fsdp and replicas.distributed:
@@ -117,6 +119,18 @@ def run_training(config: RunConfig, log=print) -> dict:
         log(f"eval loss {result.eval_loss:.4f} (perplexity {math.exp(min(result.eval_loss, 50)):.2f})")
     summary.update(run_figures(result, output_dir / "adapter"))
     return write_summary(output_dir, summary, result, log, config.train.compare_with)
+
+
+def eva_initialise(peft_model, train_rows, config: RunConfig, log) -> None:
+    """EVA's data pass over the first train batches, in training order, as training runs them (peft's advice);
+    every process computes the same from the same seeded batches."""
+    from lorakit.lora.eva import Replay, eva_layers, initialize_lora_eva_weights
+
+    t = config.train
+    first_epoch = Replay(lambda: batches(train_rows, t.per_device_train_batch_size, seed=t.seed, epoch=0))
+    lora = initialize_lora_eva_weights(peft_model, first_epoch, forward_fn=lambda m, b: forward_loss(m, b, bf16=t.bf16))
+    ranks = [lora.layer_rank_alpha(path)[0] for path in eva_layers(peft_model, peft_model.active_adapter)]
+    log(f"eva: lora_A from the train data's inputs; {len(ranks)} layers, ranks {min(ranks)}-{max(ranks)} (r {lora.r})")
 
 
 def load_base_model(config: RunConfig, device: torch.device | str = "cpu"):
