@@ -217,6 +217,8 @@ class LoraConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
         kwargs["inference_mode"] = False
+        if isinstance(kwargs.get("eva_config"), dict):  # only used at init: a newer peft's extra keys are dropped
+            kwargs["eva_config"] = {k: v for k, v in kwargs["eva_config"].items() if k in EVA_DEFAULTS}
         return cls(**kwargs)
 
 

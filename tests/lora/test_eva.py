@@ -4,6 +4,7 @@ logits; bad settings are refused in one line; `lorakit train` runs the data pass
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -16,6 +17,7 @@ from lorakit import LoraConfig, PeftModel, get_peft_model
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.lora.eva import Replay, get_eva_state_dict, initialize_lora_eva_weights, token_index
 from lorakit.lora.layer import LoraLinear
+from lorakit.train.config import load_run_config
 from tests.helpers import make_tiny_llama, randomize_lora_b
 from tests.lora.test_expert import base_model_from, char_tokenizer
 
@@ -28,6 +30,7 @@ SETTINGS = {
     "whiten, rho 3, no label mask": dict(targets=["o_proj", "down_proj"], eva=dict(rho=3.0, whiten=True, use_label_mask=False)),
     "unadjusted alphas, rank pattern": dict(targets=ALL, eva=dict(adjust_scaling_factors=False, tau=0.95),
                                             rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 12}),
+    "dora": dict(targets=["q_proj", "v_proj", "down_proj"], eva={}, use_dora=True),
 }
 IDS = torch.randint(2, 128, (2, 11), generator=torch.Generator().manual_seed(5))
 
@@ -50,7 +53,8 @@ def make_batches(n: int = 6, seed: int = 0) -> list[dict]:
 def peft_eva(setting: dict, batches: list[dict]):
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=setting["targets"], init_lora_weights="eva",
                              eva_config=peft.tuners.lora.config.EvaConfig(**setting["eva"]),
-                             rank_pattern=setting.get("rank_pattern", {}), alpha_pattern=setting.get("alpha_pattern", {}))
+                             rank_pattern=setting.get("rank_pattern", {}), alpha_pattern=setting.get("alpha_pattern", {}),
+                             use_dora=setting.get("use_dora", False))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = peft.get_peft_model(make_tiny_llama(), config)
@@ -60,13 +64,16 @@ def peft_eva(setting: dict, batches: list[dict]):
 
 def lorakit_eva(setting: dict, batches: list[dict]):
     config = LoraConfig(r=4, lora_alpha=8, target_modules=setting["targets"], init_lora_weights="eva", eva_config=setting["eva"],
-                        rank_pattern=setting.get("rank_pattern", {}), alpha_pattern=setting.get("alpha_pattern", {}))
+                        rank_pattern=setting.get("rank_pattern", {}), alpha_pattern=setting.get("alpha_pattern", {}),
+                        use_dora=setting.get("use_dora", False))
     model = get_peft_model(make_tiny_llama(), config)
     return model, initialize_lora_eva_weights(model, batches)
 
 
 def lora_tensors(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
-    return {k.removeprefix(prefix): v for k, v in state.items() if "lora_" in k}
+    """The adapter's tensors by lorakit's key (peft's DoRA magnitude is a module with a .weight)."""
+    return {k.removeprefix(prefix).replace("magnitude_vector.default.weight", "magnitude_vector.default"): v
+            for k, v in state.items() if "lora_" in k}
 
 
 def logits(model) -> torch.Tensor:
@@ -149,6 +156,17 @@ def test_bad_eva_settings_and_inputs_are_refused_in_one_line() -> None:
         get_eva_state_dict(model, make_batches(), max_batches=3)
     for layer in model.modules():  # a refusal leaves no hooks behind
         assert not layer._forward_hooks
+    with pytest.raises(ConfigError, match="causal LM training only"):
+        load_run_config(None, {"task_type": "SEQ_CLS", "init_lora_weights": "eva"})
+
+
+def test_eva_config_reads_and_writes_as_peft_s() -> None:
+    config = LoraConfig(target_modules=["q_proj"], init_lora_weights="eva", eva_config={"rho": 1.5})
+    written = config.to_peft_dict()["eva_config"]
+    assert written == dataclasses.asdict(peft.tuners.lora.config.EvaConfig(rho=1.5))  # every field, peft's defaults
+    newer = LoraConfig.from_peft_dict({**config.to_peft_dict(), "eva_config": {**written, "a_newer_key": 1}})
+    assert newer.eva_config == written
+    assert LoraConfig(target_modules=["q_proj"]).to_peft_dict()["eva_config"] is None
 
 
 def test_a_replay_is_iterated_again_and_again() -> None:

@@ -282,6 +282,8 @@ def validate(config: RunConfig) -> list[str]:
         found.append(f"warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
     if t.lr_scheduler_type not in ("cosine", "linear", "constant"):
         found.append(f"lr_scheduler_type must be cosine, linear or constant (got {t.lr_scheduler_type!r})")
+    if config.lora.init_lora_weights == "eva" and config.lora.task_type == TaskType.SEQ_CLS.value:
+        found.append("init_lora_weights eva's data pass runs in causal LM training only; use true or pissa for SEQ_CLS")
     if t.loraplus_lr_ratio < 0:
         found.append(f"loraplus_lr_ratio must be >= 0 (got {t.loraplus_lr_ratio}); 0 turns LoRA+ off, the paper uses 16")
     if t.max_grad_norm < 0:
