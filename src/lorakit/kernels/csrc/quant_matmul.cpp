@@ -196,55 +196,85 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// tmm0: sums (16 rows x 16 int32), tmm1: 16 rows of x's block codes, tmm2: the weights' block.
+// Two sets of tiles, so one block's products run while the block before is scaled and summed:
+// tmm0 / tmm1 sums (16 rows x 16 int32), tmm2 / tmm3 16 rows of x's block codes, tmm4 / tmm5 the
+// weights' block (K / 4 rows of 16 columns x 4 bytes).
 void configure_tiles(int64_t block) {
   TileConfig config;
-  config.rows[0] = 16; config.colsb[0] = 64;
-  config.rows[1] = 16; config.colsb[1] = static_cast<uint16_t>(block);
-  config.rows[2] = static_cast<uint8_t>(block / 4); config.colsb[2] = 64;
+  for (int set = 0; set < 2; ++set) {
+    config.rows[set] = 16; config.colsb[set] = 64;
+    config.rows[2 + set] = 16; config.colsb[2 + set] = static_cast<uint16_t>(block);
+    config.rows[4 + set] = static_cast<uint8_t>(block / 4); config.colsb[4 + set] = 64;
+  }
+  asm volatile("" : : "r"(&config) : "memory");  // gcc may drop the stores above: ldtilecfg's read is hidden from it
   _tile_loadconfig(&config);
 }
 
-// result[r * 16 + j] for 16 rows of x (q: kp codes a row) by one column block, as the tiles above.
+// The weights of block b as bytes the tile loads: in place for int8, the 4-bit codes unpacked.
+template <bool Q4>
+inline const uint8_t* block_weights(const Tile& t, int64_t b, uint8_t* unpacked) {
+  if (!Q4) return t.w + b * t.block * kCols;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t g = 0; g < t.block / 8; ++g) {
+    const __m512i v = _mm512_loadu_si512(t.w + (b * t.block + g * 8) * kCols / 2);
+    _mm512_store_si512(unpacked + g * 128, _mm512_and_si512(v, low));
+    _mm512_store_si512(unpacked + g * 128 + 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+  }
+  return unpacked;
+}
+
+// facc[r] += block b's sums (16 rows x 16 columns, from a tile) times its scales.
+template <bool Q4>
+inline void add_block(const Tile& t, int64_t b, const int32_t* sums, __m512* facc) {
+  const int64_t blocks = t.kp / t.block;
+  __m512 s = _mm512_set1_ps(1.f);
+  if (Q4)
+    s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(t.scales + b * kCols))), 16));
+  for (int r = 0; r < 16; ++r) {
+    __m512i acc = _mm512_load_si512(sums + r * 16);
+    const __m512 d = _mm512_set1_ps(t.dx[r * blocks + b]);
+    if (Q4) {
+      acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(8 * t.xsum[r * blocks + b]));  // codes are q + 8
+      facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(s, d), facc[r]);
+    } else {
+      facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), d, facc[r]);
+    }
+  }
+}
+
+// Block b's products into tile set (sums C, x X, weights W: literals, as the tile instructions
+// take them); x signed, weights unsigned.
+#define LORAKIT_AMX_BLOCK(C, X, W, b)                                            \
+  do {                                                                           \
+    const uint8_t* weights_ = block_weights<Q4>(t, b, unpacked + (C) * 2048);    \
+    _tile_zero(C);                                                               \
+    _tile_loadd(X, t.q + (b) * t.block, t.kp);                                   \
+    _tile_loadd(W, weights_, 64);                                                \
+    _tile_dpbsud(C, X, W);                                                       \
+  } while (0)
+
+// result[r * 16 + j] for 16 rows of x (q: kp codes a row) by one column block.
 template <bool Q4>
 void amx_tile(const Tile& t, float* result, uint8_t* unpacked) {
   const int64_t blocks = t.kp / t.block;
   alignas(64) int32_t sums[16 * 16];
   __m512 facc[16];
   for (int r = 0; r < 16; ++r) facc[r] = _mm512_setzero_ps();
-  const __m512i low = _mm512_set1_epi8(0x0F);
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* weights = t.w + b * t.block * kCols;
-    if (Q4) {  // the block's nibbles as bytes, in the int8 layout the tile loads
-      for (int64_t g = 0; g < t.block / 8; ++g) {
-        const __m512i v = _mm512_loadu_si512(t.w + (b * t.block + g * 8) * kCols / 2);
-        _mm512_store_si512(unpacked + g * 128, _mm512_and_si512(v, low));
-        _mm512_store_si512(unpacked + g * 128 + 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
-      }
-      weights = unpacked;
-    }
-    _tile_zero(0);
-    _tile_loadd(1, t.q + b * t.block, t.kp);
-    _tile_loadd(2, weights, 64);
-    _tile_dpbsud(0, 1, 2);  // x signed, weights unsigned
+  LORAKIT_AMX_BLOCK(0, 2, 4, 0);
+  for (int64_t b = 0; b < blocks; b += 2) {
+    if (b + 1 < blocks) LORAKIT_AMX_BLOCK(1, 3, 5, b + 1);
     _tile_stored(0, sums, 64);
-    __m512 s = _mm512_set1_ps(1.f);
-    if (Q4)
-      s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(t.scales + b * kCols))), 16));
-    for (int r = 0; r < 16; ++r) {
-      __m512i acc = _mm512_load_si512(sums + r * 16);
-      const __m512 d = _mm512_set1_ps(t.dx[r * blocks + b]);
-      if (Q4) {
-        acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(8 * t.xsum[r * blocks + b]));
-        facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(s, d), facc[r]);
-      } else {
-        facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), d, facc[r]);
-      }
+    add_block<Q4>(t, b, sums, facc);
+    if (b + 2 < blocks) LORAKIT_AMX_BLOCK(0, 2, 4, b + 2);
+    if (b + 1 < blocks) {
+      _tile_stored(1, sums, 64);
+      add_block<Q4>(t, b + 1, sums, facc);
     }
   }
   for (int r = 0; r < 16; ++r) _mm512_storeu_ps(result + r * kCols, facc[r]);
 }
+#undef LORAKIT_AMX_BLOCK
 #endif
 
 // The same arithmetic in plain loops (the portable build, and CPUs without AVX-512 VNNI).
@@ -370,7 +400,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& data, const at::T
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> result(rmax * cmax * kCols);
 #if defined(LORAKIT_QUANT_AMX)
-    alignas(64) uint8_t unpacked[64 * 64];  // a 4-bit block's codes as bytes (up to 64 x 16 columns)
+    alignas(64) uint8_t unpacked[2 * 2048];  // two 4-bit blocks' codes as bytes (up to 64 x 16 columns each)
     if (amx) configure_tiles(block);
 #endif
     for (int64_t g = begin; g < end; ++g) {
