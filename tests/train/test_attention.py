@@ -1,8 +1,8 @@
 """train/attention.py per family: a packed row's loss and gradients equal its examples run one by one
 through the model's own attention (transformers as the oracle), for families whose attention is more
 than causal softmax: Gemma 2 (softcapping, sliding layers), Gemma 3 (sliding layers), Mistral (a
-sliding window), gpt-oss (sinks, sliding layers). Examples are longer than the window, so the window
-matters."""
+sliding window), gpt-oss (sinks, sliding layers); Llama 4's chunked layers against transformers' own
+chunked mask. Examples are longer than the window or chunk, so it matters."""
 
 from __future__ import annotations
 
@@ -114,3 +114,27 @@ def test_a_bidirectional_model_is_refused_in_one_line():
                            LoraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(LorakitError, match="Gemma3Attention attends in both directions"):
         batch_loss_sum(model, _packed([_example(8, 2, 0)]), bf16=False)
+
+
+def test_a_chunked_layer_attends_within_its_chunk_as_transformers_masks_it():
+    """Llama 4's chunked layers (only their mask says so): the twin against transformers' chunked mask
+    function with plain masked softmax. (Llama 4 itself cannot train yet: train/step.py reads its decoder
+    through base_model_prefix "language_model", which Llama4ForCausalLM does not have.)"""
+    from transformers import Llama4TextConfig
+    from transformers.masking_utils import causal_mask_function, chunked_overlay
+
+    class Chunked(torch.nn.Module):
+        config = Llama4TextConfig(num_hidden_layers=1, attention_chunk_size=WINDOW, layer_types=["chunked_attention"])
+        layer_idx = 0
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=generator) for shape in [(4, 17, 8), (2, 17, 8), (2, 17, 8)])
+    terms = attention._attention_terms(Chunked(), {})
+    assert terms.chunk == WINDOW
+    got = attention._one_example(q, k, v, 8 ** -0.5, 0.0, terms)
+    overlay = chunked_overlay(WINDOW, torch.tensor([0]))
+    allowed = torch.tensor([[causal_mask_function(0, 0, i, j) and bool(overlay(0, 0, i, j)) for j in range(17)] for i in range(17)])
+    scores = (q @ k.repeat_interleave(2, dim=0).transpose(1, 2)) * 8 ** -0.5
+    expected = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v.repeat_interleave(2, dim=0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(attention._one_example(q, k, v, 8 ** -0.5, 0.0), expected, atol=1e-3)  # plain causal differs

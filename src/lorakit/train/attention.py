@@ -7,9 +7,9 @@ lengths): no attention across examples, no compute on other examples' keys.
 
 Families whose attention is more than causal softmax get it computed in full, per example: logit
 softcapping (Gemma 2), attention sinks (gpt-oss) and a sliding window shorter than the example
-(Mistral, Qwen2, Gemma 2 / 3, gpt-oss's sliding layers) run `_eager_example`, a plain-torch twin of
-transformers' eager attention with those terms; a window at least as long as the example changes
-nothing and keeps the fast kernel. A module that attends both ways (`is_causal` False) is refused in
+(Mistral, Qwen2, Gemma 2 / 3, gpt-oss's sliding layers) or a chunk shorter than it (Llama 4's chunked
+layers) run `_eager_example`, a plain-torch twin of transformers' eager attention with those terms; a
+window or chunk at least as long as the example changes nothing and keeps the fast kernel. A module that attends both ways (`is_causal` False) is refused in
 one line: packed rows are causal by construction.
 
 The switch is scoped to the thread that trains. `packed_attention_enabled` points the model's config at
@@ -93,6 +93,7 @@ class AttentionTerms(NamedTuple):
     softcap: float | None = None  # scores -> tanh(scores / softcap) * softcap (Gemma 2)
     sliding_window: int | None = None  # a query sees the last `sliding_window` positions, itself included
     sinks: torch.Tensor | None = None  # (H,) one extra logit per head that takes probability and no value (gpt-oss)
+    chunk: int | None = None  # a query sees its own block of `chunk` positions only (Llama 4's chunked layers)
 
 
 def _attention_terms(module: nn.Module, kwargs: dict) -> AttentionTerms:
@@ -105,7 +106,17 @@ def _attention_terms(module: nn.Module, kwargs: dict) -> AttentionTerms:
         raise LorakitError(f"{type(module).__name__} attends in both directions (is_causal False), and packed training rows are "
                            "causal; train it as a classifier (task_type SEQ_CLS) or use a causal model")
     window = kwargs.get("sliding_window")
-    return AttentionTerms(kwargs.get("softcap"), int(window) if window else None, kwargs.get("s_aux"))
+    return AttentionTerms(kwargs.get("softcap"), int(window) if window else None, kwargs.get("s_aux"), _chunk_size(module))
+
+
+def _chunk_size(module: nn.Module) -> int | None:
+    """Llama 4's chunked layers say so only through their mask, which packed rows replace: read the config."""
+    config = getattr(module, "config", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    index = getattr(module, "layer_idx", None)
+    if index is None or index >= len(layer_types) or layer_types[index] != "chunked_attention":
+        return None
+    return int(config.attention_chunk_size)
 
 
 def _one_example(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout: float,
@@ -113,8 +124,9 @@ def _one_example(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     """(H, L, D) attention output of one example; attention dropout needs SDPA's own kernel."""
     length = q.shape[1]
     window = terms.sliding_window if terms.sliding_window is not None and terms.sliding_window < length else None
-    if terms.softcap is not None or terms.sinks is not None or window is not None:
-        return _eager_example(q, k, v, scale, dropout, terms._replace(sliding_window=window))
+    chunk = terms.chunk if terms.chunk is not None and terms.chunk < length else None
+    if terms.softcap is not None or terms.sinks is not None or window is not None or chunk is not None:
+        return _eager_example(q, k, v, scale, dropout, terms._replace(sliding_window=window, chunk=chunk))
     if dropout or length > BMM_ATTENTION_MAX_LEN:
         return F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=True)[0]
     return causal_attention(q, k, v, scale)
@@ -122,8 +134,8 @@ def _one_example(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 
 def _eager_example(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout: float,
                    terms: AttentionTerms) -> torch.Tensor:
-    """Causal attention of one example with softcapping, a sliding window and sinks, as transformers'
-    eager functions compute them (Gemma 2's, gpt-oss's): q (H, L, D), k / v (KVH, L, D) -> (H, L, D).
+    """Causal attention of one example with softcapping, a sliding window, chunks and sinks, as transformers'
+    eager functions and masks compute them (Gemma 2's, gpt-oss's): q (H, L, D), k / v (KVH, L, D) -> (H, L, D).
     It keeps the (H, L, L) probabilities for backward: the price of terms the fast kernels lack."""
     heads, length, _ = q.shape
     group = heads // k.shape[0]
@@ -136,6 +148,9 @@ def _eager_example(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     allowed = offset >= 0
     if terms.sliding_window is not None:
         allowed &= offset < terms.sliding_window
+    if terms.chunk is not None:
+        blocks = positions // terms.chunk
+        allowed &= blocks[:, None] == blocks[None, :]
     scores = scores.masked_fill(~allowed, float("-inf"))
     if terms.sinks is not None:
         sinks = terms.sinks.float().reshape(heads, 1, 1).expand(heads, length, 1)
