@@ -58,7 +58,7 @@ def test_gemma3_270m_loads_as_gemma3_with_its_tokenizer() -> None:
 
 @pytest.mark.slow
 def test_gemma3_270m_is_prompted_with_alpaca_and_one_bos() -> None:
-    """The base model has no chat template (its GGUF carries none, as google/gemma-3-270m's own files):
+    """The base model has no chat template (its GGUF carries none; it is not the -it model):
     `auto` is alpaca, and an example starts with exactly one <bos> (Gemma degrades without it)."""
     from lorakit import load_tokenizer
     from lorakit.data.formats import Sample
