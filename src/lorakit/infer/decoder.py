@@ -30,7 +30,7 @@ from lorakit.errors import LorakitError
 from lorakit.infer.cache import SlotCache
 from lorakit.infer.compiled import GraphProjections, at_chunk, running
 from lorakit.infer.families import FAMILIES, SLIDING, Layout, layout_of
-from lorakit.infer.packed import FusedLinear, Projections, StepProjections
+from lorakit.infer.packed import QUANTIZERS, FusedLinear, Projections, StepProjections
 from lorakit.kernels import decode_attention, routed_lora
 from lorakit.lora.routing import Routing, routed
 
@@ -187,12 +187,16 @@ def _window_mask(queries: torch.Tensor, keys: int, window: int | None) -> torch.
 class SlotDecoder:
     """Prefill and decode steps of one decoder-only causal LM over a SlotCache."""
 
-    def __init__(self, model: nn.Module, pack: bool = True, compile: bool = False) -> None:
+    def __init__(self, model: nn.Module, pack: bool = True, compile: bool = False, quantization: str | None = None) -> None:
         """`pack=False` runs every projection as its own module (for comparison; packing is used only
         where it applies, see infer/packed.py); `compile` compiles the decode step where it applies
         (infer/compiled.py: a CPU model of a Llama-like family whose layers all have its norms and gated
         MLP) and, in bf16 on a CPU, attends and adds each row's adapters through lorakit's C++ kernels
-        (kernels/decode_attention.py, kernels/routed_lora.py)."""
+        (kernels/decode_attention.py, kernels/routed_lora.py). `quantization` ("int8" | "q4_0"): every
+        projection's base weights (the output head's too) quantized for kernels/quant_matmul.py, the
+        adapters added on top; for a bf16 model on a CPU."""
+        if quantization is not None and quantization not in QUANTIZERS:
+            raise LorakitError(f"unknown engine quantization {quantization!r}; use one of {', '.join(QUANTIZERS)}")
         self.model = model
         self.inner = decoder_parts(model)
         self.layout = layout = layout_of(model)
@@ -230,10 +234,12 @@ class SlotDecoder:
         for layer, gated in zip(layers, self.gated):
             self.first_group.append(len(groups))
             attention, mlp = layer.self_attn, layer.mlp
-            groups += [FusedLinear(attention, list(layout.qkv), pack, lora_kernel), FusedLinear(attention, ["o_proj"], pack, lora_kernel)]
+            groups += [FusedLinear(attention, list(layout.qkv), pack, lora_kernel, quantization),
+                       FusedLinear(attention, ["o_proj"], pack, lora_kernel, quantization)]
             if gated:
-                groups += [FusedLinear(mlp, list(layout.gate_up), pack, lora_kernel), FusedLinear(mlp, ["down_proj"], pack, lora_kernel)]
-        groups.append(FusedLinear(model, [_head_name(model)], pack, lora_kernel))
+                groups += [FusedLinear(mlp, list(layout.gate_up), pack, lora_kernel, quantization),
+                           FusedLinear(mlp, ["down_proj"], pack, lora_kernel, quantization)]
+        groups.append(FusedLinear(model, [_head_name(model)], pack, lora_kernel, quantization))
         self.projections = Projections(groups)
         self.widths = [sum(m.out_features for m in g.modules()) for g in groups]  # each group's output columns
         self.graph_projections = GraphProjections(self.widths)

@@ -138,17 +138,19 @@ class Engine:
     """One base model (with a registry of adapters) serving many generation requests at once."""
 
     def __init__(self, registry: AdapterRegistry, tokenizer: Any, *, max_batch: int = 32, max_len: int = 2048,
-                 deterministic: bool = False, prefix_cache_mb: float = 128, compile: bool = False) -> None:
+                 deterministic: bool = False, prefix_cache_mb: float = 128, compile: bool = False,
+                 quantization: str | None = None) -> None:
         """`registry`: the base and its adapters (Engine.from_model builds one). `prefix_cache_mb`: memory
         for the keys and values of prompt blocks shared between requests (infer/prefix.py; 0 turns it off;
         always off in the batch-invariant mode). `compile`: compile the decode step (infer/compiled.py;
-        the batch-invariant mode's steps are never compiled)."""
+        the batch-invariant mode's steps are never compiled). `quantization` ("int8" | "q4_0"): the base's
+        projection weights quantized for lorakit's CPU matmuls (infer/packed.py), adapters on top."""
         if not isinstance(registry, AdapterRegistry):
             raise TypeError(f"Engine takes an AdapterRegistry, not {type(registry).__name__}; use Engine.from_model(model, tokenizer)")
         self.registry = registry
         self.tokenizer = tokenizer
         model = registry.causal_lm
-        self.decoder = SlotDecoder(model, compile=compile and not deterministic)
+        self.decoder = SlotDecoder(model, compile=compile and not deterministic, quantization=quantization)
         context = getattr(model.config, "max_position_embeddings", max_len)
         self.max_len = min(max_len, context)
         self.max_batch = max_batch

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from lorakit.kernels import routed_lora
+from lorakit.kernels import quant_matmul, routed_lora
 from lorakit.kernels.routed_lora import RoutedLora
 from lorakit.weights.kinds import is_quantized
 from lorakit.lora.layer import LoraLinear, apply_dora_gains
@@ -131,18 +131,79 @@ class _Packed:
         return _linear(xa.flatten(-2), self.b_banks, None, "none", [], "").add_(base)
 
 
+QUANTIZERS = {"int8": quant_matmul.quantize_int8, "q4_0": quant_matmul.quantize_4bit}
+
+
+@dataclass
+class _Quantized:
+    """The layers' base weights quantized (kernels/quant_matmul.py: int8 per channel or 4-bit per block),
+    each row's adapters added onto the quantized matmul's output: by the routed C++ kernel when given,
+    else by each LoraLinear's own routed path on its columns (DoRA rows rescaled first either way)."""
+
+    source: tuple  # as _Packed's: (base layers, their tensors, those tensors' versions)
+    weight: quant_matmul.QuantWeight
+    bias: torch.Tensor | None
+    modules: list[nn.Module]
+    sizes: list[int]
+    kernel: RoutedLora | None
+    layout: tuple | None = None  # (bank version, a, b, segments, gains) for the kernel under the current slot table
+
+    def fresh(self, bases: list[nn.Module], params: list[torch.Tensor]) -> bool:
+        seen, seen_params, versions = self.source
+        return _same(bases, seen) and _same(params, seen_params) and versions == _versions(params)
+
+    def __call__(self, x: torch.Tensor, routing: Routing | None) -> torch.Tensor:
+        out = quant_matmul.matmul(x, self.weight, self.bias)
+        adapted = routing is not None and not routing.base_only and any(isinstance(m, LoraLinear) for m in self.modules)
+        if not adapted:
+            return out
+        if self.kernel is None:  # each layer's routed adapters on its own columns
+            parts, start = [], 0
+            for module, size in zip(self.modules, self.sizes):
+                part = out[..., start : start + size]
+                parts.append(module.add_lora(part, x, routing) if isinstance(module, LoraLinear) else part)
+                start += size
+            return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+        version = bank_version_of(routing)
+        if self.layout is None or self.layout[0] != version:
+            device = x.device
+            banks = [m.bank(routing, torch.bfloat16, device) if isinstance(m, LoraLinear) else None for m in self.modules]
+            self.layout = (version, *routed_lora.layout(banks, self.sizes, routing.table.slots), _gains(self.modules, routing, device))
+        _, a, b, segments, gains = self.layout
+        if gains is not None:
+            bias = self.bias
+            out = apply_dora_gains(out, bias, routing.slot_weights(gains.dtype) @ gains)
+        x = x if x.is_contiguous() else x.contiguous()
+        width = sum(self.sizes)
+        out = out.contiguous()
+        self.kernel(out.view(-1, width), x.view(-1, x.shape[-1]), a, b, segments, routing.slots, routing.weights)
+        return out
+
+
+def can_quantize(modules: Sequence[nn.Module]) -> bool:
+    """True when every module is a dense bf16 nn.Linear (or LoRA over one) on the CPU."""
+    bases = [_base(m) for m in modules]
+    return all(type(b) is nn.Linear and not is_quantized(b.weight) and b.weight.dtype == torch.bfloat16
+               and b.weight.device.type == "cpu" for b in bases)
+
+
 class FusedLinear:
     """Linear layers sharing one input, computed together; `resolve` gives the function that does it.
 
     The layers are looked up by name on their parent, not held: loading the first adapter replaces an
     nn.Linear by a LoraLinear around it, and the fused call must see that."""
 
-    def __init__(self, parent: nn.Module, names: Sequence[str], pack: bool = True, kernel: RoutedLora | None = None) -> None:
-        """`kernel`: routed_lora's kernel, to add routed adapters with (else they join the matmuls as banks)."""
+    def __init__(self, parent: nn.Module, names: Sequence[str], pack: bool = True, kernel: RoutedLora | None = None,
+                 quantization: str | None = None) -> None:
+        """`kernel`: routed_lora's kernel, to add routed adapters with (else they join the matmuls as banks).
+        `quantization` ("int8" | "q4_0"): the base weights quantized for lorakit's matmuls, where the layers
+        are dense bf16 CPU linears (else as without it)."""
         self.parent = parent
         self.names = list(names)
         self.pack = pack
         self.kernel = kernel
+        self.quantization = quantization
+        self._quantized: _Quantized | None = None
         self._plain: _Packed | None = None  # the base weights alone
         self._routed: _Packed | None = None  # the base weights and the adapters' A banks
         self._merged: _Packed | None = None  # the base weights with one adapter merged in
@@ -154,8 +215,22 @@ class FusedLinear:
         """Pack the base weights now rather than at the first batch that needs them: a server's memory
         is then taken at start-up, not in the middle of serving (53 MB for q/k/v and o of the default
         model, first needed when a batch happens to hold only base rows)."""
-        if self.pack:
+        if self.quantization is not None and can_quantize(self.modules()):
+            self._quantized = self._quantize()
+        elif self.pack:
             self._plain = _packed(self._plain, self.modules())
+
+    def _quantize(self) -> _Quantized:
+        """The layers' weights quantized (again only when a layer or weight changed)."""
+        modules = self.modules()
+        bases = [_base(m) for m in modules]
+        params = _params(bases)
+        cached = self._quantized
+        if cached is not None and cached.fresh(bases, params):
+            cached.modules = modules  # a layer wrapped in a LoraLinear keeps its weights
+            return cached
+        weight = QUANTIZERS[self.quantization](_cat([b.weight for b in bases]).contiguous())
+        return _Quantized((bases, params, _versions(params)), weight, _bias(bases), modules, [b.out_features for b in bases], self.kernel)
 
     def resolve(self, routing: Routing | None, dtype: torch.dtype, merge: bool = False) -> Projection:
         """The layers' outputs for inputs of `dtype` under `routing`: packed where that applies. With
@@ -167,6 +242,9 @@ class FusedLinear:
         adapted = [m for m in modules if isinstance(m, LoraLinear)]
         if any(m.disabled or m.merged_adapters for m in adapted) or (adapted and routing is None):
             return _Modules(modules)  # LoraLinear's own forward applies (or refuses) these cases
+        if self.quantization is not None and can_quantize(modules):  # never merged: the adapters stay beside the quantized base
+            self._quantized = self._quantize()
+            return self._quantized
         if adapted and not routing.base_only and merge:
             self._merged = packed = _packed(self._merged, modules, adapted, routing, merge=True)
         elif adapted and not routing.base_only and self.kernel is not None:
