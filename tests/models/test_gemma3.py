@@ -41,6 +41,21 @@ def test_a_bad_assembly_is_one_line_and_leaves_no_cache(monkeypatch, tmp_path: P
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_cache_is_named_gemma3_270m_and_kept_while_its_sha256_is_the_packages(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    package = _Package(AssertionError("assembled again"))
+    monkeypatch.setattr(gemma3, "gemma3_package", lambda: package)
+    target = tmp_path / "gemma3-270m"  # the served model's name, as the user types it
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    (target / gemma3.SOURCE_STAMP).write_text(package.EXPECTED_SHA256 + "\n")
+    assert gemma3.gemma3_model_dir() == target
+    (target / gemma3.SOURCE_STAMP).write_text("cd" * 32)  # converted from another version of the package
+    with pytest.raises(AssertionError, match="assembled again"):
+        gemma3.gemma3_model_dir()
+    assert (target / "config.json").is_file()  # the old directory stays until a conversion succeeds
+
+
 @pytest.mark.slow
 def test_gemma3_270m_loads_as_gemma3_with_its_tokenizer() -> None:
     from lorakit import load_model, load_tokenizer
@@ -48,6 +63,7 @@ def test_gemma3_270m_loads_as_gemma3_with_its_tokenizer() -> None:
     model = load_model("gemma3-270m")
     tokenizer = load_tokenizer("gemma3-270m")
     assert type(model).__name__ == "Gemma3ForCausalLM" and model.config._attn_implementation == "sdpa"
+    assert (gemma3.cache_root() / "gemma3-270m" / gemma3.SOURCE_STAMP).read_text().strip() == gemma3.gemma3_package().EXPECTED_SHA256
     assert sum(p.numel() for p in model.parameters()) == 268_098_176
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     assert ids[0, 0].item() == tokenizer.bos_token_id == 2 and tokenizer.eos_token == "<eos>"
