@@ -205,3 +205,33 @@ def test_lorakit_train_with_eva_starts_from_the_data_and_peft_loads_the_adapter(
     ours = PeftModel.from_pretrained(base_model_from(base), out / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_eva_on_an_nf4_base_gives_peft_s_ranks_and_components(tmp_path: Path) -> None:
+    """EVA reads activations only, so QLoRA bases take it as peft's do."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import load_model
+    from lorakit.quant.config import QuantConfig
+    from lorakit.quant.load import bnb_config
+    from tests.quant.qhelpers import save_tiny_llama
+
+    save_tiny_llama(tmp_path / "base")
+    batches = make_batches()
+    ours = get_peft_model(load_model(tmp_path / "base", quantization="nf4"),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=ALL, init_lora_weights="eva"))
+    config = initialize_lora_eva_weights(ours, batches)
+    base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), quantization_config=bnb_config(QuantConfig("nf4")),
+                                                dtype=torch.bfloat16, device_map={"": "cpu"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL, init_lora_weights="eva"))
+        peft.initialize_lora_eva_weights(theirs, dataloader=batches, show_progress_bar=False)
+    assert config.rank_pattern == theirs.peft_config["default"].rank_pattern and config.rank_pattern
+    their_tensors = lora_tensors(theirs.state_dict(), "base_model.model.")
+    our_tensors = lora_tensors(ours.model.state_dict())
+    assert sorted(our_tensors) == sorted(their_tensors)
+    for key, tensor in our_tensors.items():
+        # peft re-creates a resized layer's adapter in the base's bf16 (lorakit keeps adapters fp32): equal to its rounding
+        exact = their_tensors[key].dtype == torch.float32
+        torch.testing.assert_close(tensor, their_tensors[key].float(), atol=1e-5 if exact else 4e-3, rtol=0)
