@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -42,7 +43,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "tokens/s through HTTP on 2 cores, 10-60 s more at start-up (less once cached); without a C++ "
                         "compiler it warns and decodes eagerly. --no-compile starts at once (default: compile)")
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32")
+    parser.add_argument("--quantization", default=None, choices=["none", "nf4", "fp4", "int8"],
+                        help="load the base through bitsandbytes as `lorakit train --quantization` does (QLoRA); default: "
+                        "the quantization an --adapter was trained on (its lorakit_quantization.json), else none")
+    parser.add_argument("--quantize-weights", default=None, choices=["int8", "q4_0"],
+                        help="serve a bf16 base with its projection weights quantized for lorakit's CPU kernels "
+                        "(int8 per channel, or 4 bits per block of 32): fewer bytes read per token, adapters on top")
     parser.set_defaults(run=run)
+
+
+def base_quantization(choice: str | None, adapters) -> tuple[object, str | None]:
+    """The QuantConfig to load the base with, and a notice when it comes from the adapters' records: an
+    adapter trained on a quantized base (QLoRA) is served on that base unless told otherwise."""
+    from lorakit.quant.config import QuantConfig
+    from lorakit.quant.record import read_quant_record
+
+    if choice is not None:
+        return QuantConfig.coerce(None if choice == "none" else choice), None
+    records = {a.name: read_quant_record(a.directory) for a in adapters}
+    recorded = {n: r for n, r in records.items() if r is not None and r.enabled}
+    if not recorded:
+        return QuantConfig(), None
+    kinds = {json.dumps(r.to_dict(), sort_keys=True) for r in recorded.values()}
+    if len(kinds) > 1 or len(recorded) < len(records):
+        bases = ", ".join(f"{n}: {r.quantization if n in recorded else 'none'}" for n, r in records.items())
+        raise LorakitError(f"the adapters were trained on different bases ({bases}); serve them apart, or choose one base "
+                           "with --quantization")
+    config = next(iter(recorded.values()))
+    return config, (f"lorakit serve: the adapters were trained on a {config.quantization} base ({config.describe()}); serving "
+                    "them on the same (--quantization none serves a bf16 base instead)")
 
 
 # libgomp's default spin keeps OpenMP workers busy-waiting between the engine's many small ops, and on a
@@ -88,9 +117,15 @@ def run(args: argparse.Namespace) -> int:
     name = args.served_model_name or model_dir.name
     if args.compile and not args.deterministic:  # the batch-invariant mode never compiles
         print("lorakit serve: compiling the decode step (up to a minute on a cold inductor cache)", flush=True)
-    engine = Engine.from_model(load_model(args.model, dtype=args.dtype), load_tokenizer(args.model), max_batch=args.max_batch,
-                               max_len=args.max_model_len, deterministic=args.deterministic, max_loras=args.max_loras,
-                               prefix_cache_mb=args.prefix_cache_mb, compile=args.compile)
+    quant, notice = base_quantization(args.quantization, adapters)
+    if quant.enabled and args.quantize_weights:
+        raise LorakitError("--quantize-weights quantizes a bf16 base; drop it or --quantization (or pass --quantization none)")
+    if notice:
+        print(notice, flush=True)
+    engine = Engine.from_model(load_model(args.model, dtype=args.dtype, quantization=quant if quant.enabled else None),
+                               load_tokenizer(args.model), max_batch=args.max_batch, max_len=args.max_model_len,
+                               deterministic=args.deterministic, max_loras=args.max_loras, prefix_cache_mb=args.prefix_cache_mb,
+                               compile=args.compile, quantization=args.quantize_weights)
     for adapter in adapters:
         engine.registry.load(adapter.name, adapter.directory, pin=True)
     if engine.decoder.compiled is not None:  # its shapes compiled above; a shape it missed runs eagerly, not stalling everyone
