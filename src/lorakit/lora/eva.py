@@ -338,16 +338,17 @@ def initialize_lora_eva_weights(model: LoraModel, batches: Iterable[dict] | None
     removed = []
     for path, layer in eva_layers(model, adapter_name).items():
         r, alpha = config.layer_rank_alpha(path)
-        lora_a = eva_state_dict[path]
-        new_rank = lora_a.size(0)
+        lora_a = eva_state_dict.get(path)  # a layer the state dict lacks keeps its Kaiming A (peft: init True)
+        new_rank = r if lora_a is None else lora_a.size(0)
         if new_rank == 0:
             _drop(model, path, layer, adapter_name)
             removed.append(path)
             continue
         if new_rank != r:
-            alpha = alpha * new_rank / r if adjust else alpha
+            alpha = alpha * (new_rank / r) if adjust else alpha  # peft's order of operations: the same float
             _resize(layer, adapter_name, new_rank, alpha, config)
-        layer.lora_A[adapter_name].weight.copy_(lora_a)
+        if lora_a is not None:
+            layer.lora_A[adapter_name].weight.copy_(lora_a)
         if new_rank != config.r:
             rank_pattern[path] = new_rank
         if alpha != config.lora_alpha:

@@ -6,6 +6,7 @@ data files, empty data sets) runs before the model is loaded and before anything
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -126,11 +127,17 @@ def eva_initialise(peft_model, train_rows, config: RunConfig, log) -> None:
     every process computes the same from the same seeded batches."""
     from lorakit.lora.eva import Replay, eva_layers, initialize_lora_eva_weights
 
-    t = config.train
+    t, started, passes = config.train, time.perf_counter(), []
+
+    def forward(model, batch):
+        passes.append(1)
+        return forward_loss(model, batch, bf16=t.bf16)
+
     first_epoch = Replay(lambda: batches(train_rows, t.per_device_train_batch_size, seed=t.seed, epoch=0))
-    lora = initialize_lora_eva_weights(peft_model, first_epoch, forward_fn=lambda m, b: forward_loss(m, b, bf16=t.bf16))
+    lora = initialize_lora_eva_weights(peft_model, first_epoch, forward_fn=forward)
     ranks = [lora.layer_rank_alpha(path)[0] for path in eva_layers(peft_model, peft_model.active_adapter)]
-    log(f"eva: lora_A from the train data's inputs; {len(ranks)} layers, ranks {min(ranks)}-{max(ranks)} (r {lora.r})")
+    log(f"eva: lora_A from the train data's inputs ({len(passes)} batches, {time.perf_counter() - started:.1f} s); "
+        f"{len(ranks)} layers, ranks {min(ranks)}-{max(ranks)} (r {lora.r})")
 
 
 def load_base_model(config: RunConfig, device: torch.device | str = "cpu"):
