@@ -61,6 +61,22 @@ def _records_from_dicts(raw: list[dict]) -> list[Sample]:
     return [parse_record(r, f"shipped task #{i}", "alpaca") for i, r in enumerate(raw)]
 
 
+def packs_within_examples(model_name: str, log=print) -> bool:
+    """Whether packed rows keep each example's attention to itself for this model: only models whose
+    attention runs through transformers' attention interface (train/attention.py routes it per example).
+    Others (StableLM, Falcon, MPT, ...) would attend across the examples of a row, so they get one
+    example per row, with a notice."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(resolve_model_dir(model_name))
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if model_class is None or getattr(model_class, "_supports_attention_backend", False):
+        return True
+    log(f"data: {model_class.__name__} attends outside transformers' attention interface, so packed rows would let "
+        "examples see each other; one example per row instead")
+    return False
+
+
 def run_training(config: RunConfig, log=print) -> dict:
     """Train an adapter as `config` says; returns a summary (also printed)."""
     output_dir = check_output_dir(config)
@@ -78,8 +94,9 @@ def run_training(config: RunConfig, log=print) -> dict:
     if not train_examples:
         raise LorakitError("every training example was dropped during tokenization (nothing left to learn); check the data and max_seq_len")
     pad = tokenizer.pad_token_id
-    train_rows, pack_stats = pack(train_examples, d.max_seq_len, pad, seed=config.train.seed) if d.packing else pad_rows(train_examples, d.max_seq_len, pad)
-    eval_rows = pack(eval_examples, d.max_seq_len, pad, seed=0)[0] if eval_examples else []
+    packing = d.packing and packs_within_examples(config.model.name, log)
+    train_rows, pack_stats = pack(train_examples, d.max_seq_len, pad, seed=config.train.seed) if packing else pad_rows(train_examples, d.max_seq_len, pad)
+    eval_rows = (pack(eval_examples, d.max_seq_len, pad, seed=0) if packing else pad_rows(eval_examples, d.max_seq_len, pad))[0] if eval_examples else []
     log(f"data: {len(train_examples)} train / {len(eval_examples)} eval examples; {pack_stats}")
     if config.train.finetune == "full":  # every weight trained, not an adapter: same rows, same loop
         from lorakit.train.full import run_full  # here: full.py imports this module
