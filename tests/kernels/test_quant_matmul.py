@@ -78,6 +78,15 @@ def test_many_rows_dequantize_once_and_match_f_linear(portable, fmt) -> None:
     assert torch.equal(mine, F.linear(x, qm.dequantize(q)))  # the same bf16 weight, the same matmul
 
 
+@pytest.mark.parametrize("rows", [4, 2 * qm.DECODE_ROWS])
+def test_an_fp32_bias_is_taken_on_both_paths(portable, rows) -> None:
+    q = qm.quantize_int8(_weight(37, 100))
+    x, bias = _x(rows, 100), torch.randn(37)
+    torch.testing.assert_close(qm.matmul(x, q, bias, portable=portable).float(),
+                               qm.matmul(x, q, bias.bfloat16(), portable=portable).float() + (bias - bias.bfloat16().float()),
+                               atol=0.02, rtol=0.01)
+
+
 @pytest.mark.parametrize("fmt", QUANTIZE)
 @pytest.mark.parametrize("n,k,block", SHAPES)
 def test_the_kernels_dequantization_is_the_formats(portable, fmt, n, k, block) -> None:

@@ -100,11 +100,13 @@ def matmul(x: torch.Tensor, q: QuantWeight, bias: torch.Tensor | None = None, po
     flat = x.dim() == 2  # the engine's case: no reshapes (each costs a microsecond or two, ~120 calls a step)
     rows = x if flat else x.reshape(-1, k)
     kernels = _kernels(portable)
-    if kernels is None:
-        out = F.linear(rows, dequantize(q), bias)
-    elif rows.shape[0] <= DECODE_ROWS:
+    if kernels is not None and rows.shape[0] <= DECODE_ROWS:
         linear = kernels.linear_int8 if q.format == "int8" else kernels.linear_q4
         out = linear(rows if rows.is_contiguous() else rows.contiguous(), q.data, q.scales, n, q.block, bias)
+        return out if flat else out.view(*x.shape[:-1], n)
+    bias = None if bias is None else bias.to(rows.dtype)  # F.linear wants one dtype (the kernel takes any float bias)
+    if kernels is None:
+        out = F.linear(rows, dequantize(q), bias)
     else:
         weight = (kernels.dequantize_int8 if q.format == "int8" else kernels.dequantize_q4)(q.data, q.scales, n, k, q.block)
         out = F.linear(rows, weight, bias)
