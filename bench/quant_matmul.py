@@ -2,7 +2,8 @@
 
 Prints, in one process:
   1. quality: a random (1536, 576) and (576, 1536) weight in each format against bf16: the weight's
-     and a matmul's error (max |err| / max |bf16|, mean |err| / mean |bf16|);
+     and a matmul's error (max |err| / max |bf16|, mean |err| / mean |bf16|), for gaussian rows of x
+     and for rows with four outlier channels (x 30: the kernel's int8 rounding of x per block);
   2. decode speed: bf16 F.linear, bf16 prepacked oneDNN (what infer/packed.py runs), the int8 and
      4-bit kernels at B=1 and B=16 for q/k/v, gate/up, down and the head; best of --rounds, the
      methods interleaved within each round; ratios to F.linear and GB/s of weight read;
@@ -38,15 +39,20 @@ def quality() -> None:
     generator = torch.Generator().manual_seed(0)
     for n, k in ((1536, 576), (576, 1536)):
         w = (torch.randn(n, k, generator=generator) * 0.02).bfloat16()
-        x = torch.randn(16, k, generator=generator).bfloat16()
-        exact = F.linear(x.float(), w.float())
+        x = torch.randn(16, k, generator=generator)
+        spiky = x.clone()
+        spiky[:, torch.randperm(k, generator=generator)[:4]] *= 30  # a few outlier channels, as in LLM activations
+        inputs = {"x": x.bfloat16(), "x with outliers": spiky.bfloat16()}
         for name, quantize in FORMATS.items():
             q = quantize(w)
             werr = (qm.dequantize(q).float() - w.float()).abs()
-            oerr = (qm.matmul(x, q).float() - exact).abs()
-            print(f"  W ({n}, {k}) {name:8s} weight max {float(werr.max() / w.float().abs().max()):.4f} "
-                  f"mean {float(werr.mean() / w.float().abs().mean()):.4f} | x @ W^T max {float(oerr.max() / exact.abs().max()):.4f} "
-                  f"mean {float(oerr.mean() / exact.abs().mean()):.4f} | {q.nbytes / (n * k * 2):.3f}x bf16's bytes")
+            line = (f"  W ({n}, {k}) {name:8s} weight max {float(werr.max() / w.float().abs().max()):.4f} "
+                    f"mean {float(werr.mean() / w.float().abs().mean()):.4f}")
+            for label, rows in inputs.items():
+                exact = F.linear(rows.float(), w.float())
+                oerr = (qm.matmul(rows, q).float() - exact).abs()
+                line += f" | {label} @ W^T max {float(oerr.max() / exact.abs().max()):.4f} mean {float(oerr.mean() / exact.abs().mean()):.4f}"
+            print(line + f" | {q.nbytes / (n * k * 2):.3f}x bf16's bytes")
 
 
 def _best(methods: dict[str, list[Callable[[], object]]], rounds: int) -> dict[str, float]:
