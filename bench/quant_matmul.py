@@ -115,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     if qm.load() is None:
         raise SystemExit("lorakit's C++ kernels did not build here; nothing to measure")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernels: {qm.isa()}")
     quality()
     decode(args.rounds, args.pool)
     prefill(args.rounds)

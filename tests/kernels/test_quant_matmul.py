@@ -96,6 +96,12 @@ def test_the_kernels_dequantization_is_the_formats(portable, fmt, n, k, block) -
     assert torch.equal(dequantize(q.data, q.scales, n, k, block), qm.dequantize(q))
 
 
+def test_the_kernels_say_which_path_they_take() -> None:
+    flags = open("/proc/cpuinfo").read()
+    assert qm.isa(portable=True) == "plain"
+    assert qm.isa() == ("amx" if " amx_int8" in flags else "avx512_vnni" if " avx512_vnni" in flags else "plain")
+
+
 def test_without_the_kernels_matmul_is_torchs(monkeypatch) -> None:
     q = qm.quantize_4bit(_weight(37, 100))
     x = _x(2, 100)

@@ -188,6 +188,14 @@ def load(portable: bool = False) -> Any | None:
     return ops
 
 
+def isa(portable: bool = False) -> str | None:
+    """The path the kernels take on this CPU: "amx" (AVX-512 VNNI below 16 rows), "avx512_vnni", or
+    "plain" (the portable loops: correct, but slower than bf16 through oneDNN, so not worth turning
+    quantization on for speed); None where they cannot be built."""
+    ops = load(portable)
+    return None if ops is None else ops.quant_isa()
+
+
 class _Kernels(NamedTuple):
     linear_int8: Callable[..., torch.Tensor]
     linear_q4: Callable[..., torch.Tensor]

@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
@@ -504,6 +505,19 @@ at::Tensor quant_dequantize_q4(const at::Tensor& data, const at::Tensor& scales,
   return quant_dequantize<true>(data, scales, n, k, block);
 }
 
+// Which path the integer matmuls take on this CPU in this build: "amx" (VNNI below 16 rows),
+// "avx512_vnni", or "plain" (loops the compiler vectorizes as it can: slower than bf16's oneDNN).
+std::string quant_isa() {
+#if defined(LORAKIT_QUANT_AMX)
+  if (amx_ready()) return "amx";
+#endif
+#if defined(LORAKIT_QUANT_VNNI)
+  return "avx512_vnni";
+#else
+  return "plain";
+#endif
+}
+
 }  // namespace
 
 LORAKIT_FRAGMENT(LORAKIT_NAMESPACE, m) {
@@ -511,6 +525,7 @@ LORAKIT_FRAGMENT(LORAKIT_NAMESPACE, m) {
   m.def("quant_linear_q4(Tensor x, Tensor data, Tensor scales, int n, int block, Tensor? bias=None) -> Tensor");
   m.def("quant_dequantize_int8(Tensor data, Tensor scales, int n, int k, int block) -> Tensor");
   m.def("quant_dequantize_q4(Tensor data, Tensor scales, int n, int k, int block) -> Tensor");
+  m.def("quant_isa() -> str", &quant_isa);  // no tensors, so no dispatch key: one kernel for all
 }
 
 LORAKIT_CPU_IMPL(LORAKIT_NAMESPACE, m) {
