@@ -152,3 +152,29 @@ def test_a_model_missing_its_familys_modules_is_refused_in_one_line() -> None:
     del model.model.layers[1].post_feedforward_layernorm
     with pytest.raises(LorakitError, match="no post_feedforward_layernorm where its family's layers have them"):
         SlotDecoder(model)
+
+
+COMPILED = {"Gemma3TextConfig": dict(num_hidden_layers=4, sliding_window=64, layer_types=["sliding_attention", "full_attention"] * 2),
+            "Gemma2Config": dict(sliding_window=64), "Qwen3Config": {}, "Olmo2Config": {}, "Phi3Config": dict(partial_rotary_factor=0.5),
+            "GraniteConfig": FAMILY_CONFIGS["GraniteConfig"]}
+
+
+@pytest.mark.parametrize("config_class", sorted(COMPILED))
+def test_the_compiled_decode_step_gives_the_eager_logits(config_class: str) -> None:
+    model = tiny_family(config_class, **{**FAMILY_CONFIGS[config_class], **COMPILED[config_class]})
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.normal_(0.0, 0.3)
+    eager, compiled = SlotDecoder(model), SlotDecoder(model, compile=True)
+    assert compiled.compiled is not None
+    if config_class == "Gemma3TextConfig":
+        assert compiled.chunk == 2  # the sliding / global period: every chunk one graph
+    prompts = torch.randint(2, 128, (3, 6), generator=torch.Generator().manual_seed(4))
+    caches = [d.allocate(3, 32) for d in (eager, compiled)]
+    for d, c in zip((eager, compiled), caches):
+        d.prefill(c, 0, prompts, torch.full((3,), 6), None)
+    for i in range(3):
+        tokens, positions = torch.tensor([3 + i, 4 + i, 5 + i]), torch.full((3,), 6 + i)
+        mine, theirs = (d.decode(c, tokens, positions, None) for d, c in zip((eager, compiled), caches))
+        torch.testing.assert_close(theirs, mine, atol=1e-5, rtol=1e-5)

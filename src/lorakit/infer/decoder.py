@@ -173,6 +173,17 @@ def _mark_varying(step: DecodeStep, cache: SlotCache) -> None:
         torch._dynamo.mark_dynamic(tensor, 2)
 
 
+def _chunk_size(local: Sequence[bool]) -> int:
+    """Layers per compiled call: COMPILED_LAYERS, or the period of the layers' kinds (Gemma 3's five
+    sliding layers and a global one: 6) where it divides the model, so that every chunk is one graph."""
+    if not any(local):
+        return COMPILED_LAYERS
+    for period in range(2, 9):
+        if len(local) % period == 0 and all(local[i] == local[i % period] for i in range(len(local))):
+            return period
+    return COMPILED_LAYERS
+
+
 def _softcap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
     return scores if cap is None else torch.tanh(scores / cap) * cap
 
@@ -220,7 +231,8 @@ class SlotDecoder:
         self.gated = [_gated(layer.mlp, layout) for layer in layers]
         self.mlps = [layer.mlp for layer in layers]  # held: module attribute look-ups cost ~1 us each, per layer per step
         self.activations = [activation(getattr(mlp, layout.activation)) if gated else None for mlp, gated in zip(self.mlps, self.gated)]
-        self.qk_norms = [(a.q_norm, a.k_norm) if layout.qk_norm else None for a in (layer.self_attn for layer in layers)]
+        # q / k norms as weights where they are RMSNorms of the family's kind (2 per layer: q, k), so a compiled chunk takes them
+        self.qk = Norms([m for layer in layers for m in (layer.self_attn.q_norm, layer.self_attn.k_norm)], layout.norm) if layout.qk_norm else None
         self.sinks = [layer.self_attn.sinks for layer in layers] if layout.sinks else None
         self.local_rope = [kind == SLIDING for kind in layout.rope_types] if layout.rope_types else [False] * len(layers)
         weight = self.inner.embed_tokens.weight
@@ -243,8 +255,12 @@ class SlotDecoder:
         self.projections = Projections(groups)
         self.widths = [sum(m.out_features for m in g.modules()) for g in groups]  # each group's output columns
         self.graph_projections = GraphProjections(self.widths)
-        uniform = (layout.llama_like and self.norm.plain and all(self.gated) and not any(self.qk_norms)
-                   and set(self.activations) == {F.silu})
+        # Compiled where every layer computes alike up to its weights: the norms (q / k's too) as weights, gated MLPs
+        # with one activation, no sinks. Layers that differ by kind (Gemma 3's sliding and global) get a graph per
+        # chunk pattern, and chunks follow the pattern's period so that all of them share one.
+        uniform = (self.norm.plain and all(self.gated) and len({type(a) for a in self.activations}) == 1
+                   and (self.qk is None or self.qk.plain) and not layout.sinks)
+        self.chunk = _chunk_size(self.local_rope)
         # Only the row count and the cache span vary (marked while warming up); every other size is the
         # model's, and inductor's loops over static sizes (head size, widths) ran the glue 25% faster.
         self.compiled = torch.compile(self._decode_chunk, dynamic=False) if compile and uniform and on_cpu else None
@@ -294,7 +310,7 @@ class SlotDecoder:
         rows, steps = input_ids.shape
         end = start + steps
         cache.fit(end)
-        self.norm.refresh()
+        self._refresh_norms()
         positions = torch.arange(start, end, device=input_ids.device)
         hidden, tables = self._embed(input_ids, positions.expand(rows, steps))
         slots = slice(first_slot, first_slot + rows)
@@ -350,7 +366,7 @@ class SlotDecoder:
         depend on the other rows' lengths (the batch-invariant mode; never compiled)."""
         rows = tokens.shape[0]
         cache.fit(int(positions.max()) + 1, shrink=True)
-        self.norm.refresh()
+        self._refresh_norms()
         hidden, tables = self._embed(tokens[:, None], positions[:, None])
         (cos, sin_signed), (local_cos, local_sin) = tables[False], tables.get(True, (None, None))
         cut = self.window is not None and int(positions.max()) >= self.window
@@ -378,11 +394,13 @@ class SlotDecoder:
             _mark_varying(step, cache)
         layers = len(self.inner.layers)
         with running(project):
-            for first in range(0, layers, COMPILED_LAYERS):
-                last = min(first + COMPILED_LAYERS, layers)
+            for first in range(0, layers, self.chunk):
+                last = min(first + self.chunk, layers)
                 at_chunk(self.first_group[first])
-                norms = [n for index in range(first, last) for n in self._layer_norms(index)[::2]]  # pre-attention, pre-MLP
-                hidden = self.compiled(*step[:6], cache.keys[first:last], cache.values[first:last], norms)
+                norms = [n for index in range(first, last) for n in self._layer_norms(index)]
+                qk = self.qk.norms[2 * first : 2 * last] if self.qk is not None else None
+                hidden = self.compiled(*step[:8], cache.keys[first:last], cache.values[first:last], norms, qk,
+                                       tuple(self.local_rope[first:last]))
                 step = step._replace(hidden=hidden.clone(memory_format=torch.contiguous_format))  # inductor may pad rows apart
         return step.hidden
 
@@ -403,31 +421,35 @@ class SlotDecoder:
         return torch.zeros(positions.shape[0], 1, 1, span, device=positions.device).masked_fill_(hidden[:, None, None], float("-inf"))
 
     def _decode_chunk(self, hidden: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, visible: torch.Tensor,
-                      positions: torch.Tensor, row_index: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
-                      norms: list[torch.Tensor]) -> torch.Tensor:
-        """Decode through consecutive layers (their caches and pre-attention / pre-MLP norm weights given),
-        the first at group 0: what `torch.compile` compiles, so it reads no layer's module and no Python
-        number of a tensor. Only uniform Llama-like models are compiled: every layer has four groups (q/k/v,
-        o, gate/up, down), and layer j of the chunk stands in for any layer in the per-layer lists."""
-        step = DecodeStep(hidden, cos, sin_signed, visible, positions, row_index)
+                      positions: torch.Tensor, row_index: torch.Tensor, local_cos: torch.Tensor | None,
+                      local_sin_signed: torch.Tensor | None, keys: list[torch.Tensor], values: list[torch.Tensor],
+                      norms: list[torch.Tensor | None], qk: list[torch.Tensor] | None, local: tuple[bool, ...]) -> torch.Tensor:
+        """Decode through consecutive layers (their caches, their four norm slots' weights, q / k norm weights
+        and whether each reads the sliding layers' rotary table given), the first at group 0: what
+        `torch.compile` compiles, so it reads no layer's module and no Python number of a tensor. Only
+        uniform models are compiled: every layer has four groups (q/k/v, o, gate/up, down), and layer j of
+        the chunk stands in for any layer in the per-layer lists (one activation, no sinks)."""
+        step = DecodeStep(hidden, cos, sin_signed, visible, positions, row_index, local_cos, local_sin_signed)
         for j in range(len(keys)):
-            layer_norms = (norms[2 * j], None, norms[2 * j + 1], None)
-            hidden = self._decode_layer(j, 4 * j, step, keys[j], values[j], self.graph_projections, norms=layer_norms)
+            hidden = self._decode_layer(j, 4 * j, step, keys[j], values[j], self.graph_projections, norms=norms[4 * j : 4 * j + 4],
+                                        local=local[j], qk=qk[2 * j : 2 * j + 2] if qk is not None else None)
             step = step._replace(hidden=hidden)
         return hidden
 
     def _decode_layer(self, index: int, group: int, step: DecodeStep, keys: torch.Tensor, values: torch.Tensor,
                       project: Project, position: int | None = None, rowwise: bool = False,
-                      norms: Sequence[torch.Tensor | nn.Module | None] | None = None) -> torch.Tensor:
-        """One layer of a decode step: the layer `index` of the model (or of a compiled chunk, its norms
-        given), its projections group `group` on. `position`: the one row's, to write its cache by slice."""
+                      norms: Sequence[torch.Tensor | nn.Module | None] | None = None, local: bool | None = None,
+                      qk: Sequence[torch.Tensor | nn.Module] | None = None) -> torch.Tensor:
+        """One layer of a decode step: the layer `index` of the model (or of a compiled chunk, its norms,
+        rotary kind and q / k norms given), its projections group `group` on. `position`: the one row's, to
+        write its cache by slice."""
         hidden, positions = step.hidden, step.positions
         rows, span = hidden.shape[0], keys.shape[2]
         if norms is None:
             norms = self._layer_norms(index)
-        local = self.local_rope[index]
+        local = self.local_rope[index] if local is None else local
         cos, sin_signed = (step.local_cos, step.local_sin_signed) if local else (step.cos, step.sin_signed)
-        q, k, v = self._attention_inputs(index, group, hidden, cos, sin_signed, norms[0], project)  # q (B, H, 1, D), k/v (B, KVH, 1, D)
+        q, k, v = self._attention_inputs(index, group, hidden, cos, sin_signed, norms[0], project, qk)  # q (B, H, 1, D), k/v (B, KVH, 1, D)
         if position is not None:  # one row: a slice copy costs a third of the indexed write
             keys[0, :, position], values[0, :, position] = k[0, :, 0], v[0, :, 0]
         else:
@@ -445,6 +467,11 @@ class SlotDecoder:
             bias = step.visible_window if windowed else step.visible
             out = self._attend(index, q, keys[:rows, :, :span], values[:rows, :, :span], bias)
         return self._finish_layer(index, group, hidden, out.view(rows, 1, -1), norms, project)
+
+    def _refresh_norms(self) -> None:
+        self.norm.refresh()
+        if self.qk is not None:
+            self.qk.refresh()
 
     def _layer_norms(self, index: int) -> Sequence[torch.Tensor | nn.Module | None]:
         """Layer `index`'s norms: (pre-attention, post-attention, pre-MLP, post-MLP), None where it has none."""
@@ -491,20 +518,24 @@ class SlotDecoder:
         return torch.bmm(probs.view(rows * self.kv_heads, groups, span), values).to(dtype).reshape(rows, self.heads, self.head_dim)  # (B, H, D)
 
     def _attention_inputs(self, index: int, group: int, hidden: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
-                          norm: torch.Tensor | nn.Module | None, project: Project) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Hidden (B, T, C) -> normed, projected by `group` (q/k/v) and rotated: q (B, H, T, D), k and v (B, KVH, T, D)."""
+                          norm: torch.Tensor | nn.Module | None, project: Project,
+                          qk_norms: Sequence[torch.Tensor | nn.Module] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hidden (B, T, C) -> normed, projected by `group` (q/k/v) and rotated: q (B, H, T, D), k and v (B, KVH, T, D).
+        `qk_norms`: the layer's q / k norms (default: layer `index`'s)."""
         rows, steps, _ = hidden.shape
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         qkv = project(group, self.norm(norm, hidden))
-        qk_norms = self.qk_norms[index]
+        if qk_norms is None and self.qk is not None:
+            qk_norms = self.qk.norms[2 * index : 2 * index + 2]
         if qk_norms is not None and self.layout.qk_norm == "projection":  # OLMo2: over q and k whole, before the heads
-            qk = torch.cat((qk_norms[0](qkv[..., : heads * dim]), qk_norms[1](qkv[..., heads * dim : (heads + kv_heads) * dim])), dim=-1)
+            qk = torch.cat((self.qk(qk_norms[0], qkv[..., : heads * dim]),
+                            self.qk(qk_norms[1], qkv[..., heads * dim : (heads + kv_heads) * dim])), dim=-1)
             qk = qk.view(rows, steps, heads + kv_heads, dim)
         else:
             qk = qkv[..., : (heads + kv_heads) * dim].view(rows, steps, heads + kv_heads, dim)
         v = qkv[..., (heads + kv_heads) * dim :].view(rows, steps, kv_heads, dim)
-        if qk_norms is not None and self.layout.qk_norm == "head":  # Qwen3 / Gemma 3: per head, before rotary (never compiled)
-            qk = torch.cat((qk_norms[0](qk[:, :, :heads]), qk_norms[1](qk[:, :, heads:])), dim=2)
+        if qk_norms is not None and self.layout.qk_norm == "head":  # Qwen3 / Gemma 3: per head, before rotary
+            qk = torch.cat((self.qk(qk_norms[0], qk[:, :, :heads]), self.qk(qk_norms[1], qk[:, :, heads:])), dim=2)
         qk = rotate(qk, cos, sin_signed).to(qkv.dtype)  # q and k heads together (OLMo2's tables are fp32: rotated in fp32, rounded after)
         return qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2), v.transpose(1, 2)
 
