@@ -278,36 +278,41 @@ void amx_tile(const Tile& t, float* result, uint8_t* unpacked) {
 #undef LORAKIT_AMX_BLOCK
 #endif
 
-// The same arithmetic in plain loops (the portable build, and CPUs without AVX-512 VNNI).
+// The same arithmetic in plain loops (the portable build, and CPUs without AVX-512 VNNI): a group's
+// 4 bytes (or 8 nibbles) of each of the 16 columns against x's 4 (or 8) codes, 16 int32 sums a block.
 template <bool Q4>
 void plain_tile(const Tile& t, int rows, int cols, float* result) {
   const int64_t blocks = t.kp / t.block;
   for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c)
-      for (int64_t j = 0; j < kCols; ++j) {
-        const uint8_t* w = t.w + c * t.col_stride;
-        float total = 0.f;
-        for (int64_t b = 0; b < blocks; ++b) {
-          int32_t dot = 0;
-          for (int64_t k = b * t.block; k < (b + 1) * t.block; ++k) {
-            int32_t code;
-            if (Q4) {
-              const uint8_t byte = w[(k / 8) * 64 + j * 4 + k % 4];
-              code = (k % 8 < 4) ? (byte & 0x0F) : (byte >> 4);
-            } else {
-              code = w[(k / 4) * 64 + j * 4 + k % 4];
-            }
-            dot += code * t.q[r * t.kp + k];
+    for (int c = 0; c < cols; ++c) {
+      const uint8_t* w = t.w + c * t.col_stride;
+      const int8_t* xq = t.q + r * t.kp;
+      float total[kCols] = {};
+      for (int64_t b = 0; b < blocks; ++b) {
+        int32_t dot[kCols] = {};
+        if (Q4) {
+          for (int64_t g = b * t.block / 8; g < (b + 1) * t.block / 8; ++g) {
+            const uint8_t* wg = w + g * 64;
+            const int8_t* xg = xq + g * 8;
+            for (int64_t j = 0; j < kCols; ++j)
+              for (int i = 0; i < 4; ++i) dot[j] += (wg[j * 4 + i] & 0x0F) * xg[i] + (wg[j * 4 + i] >> 4) * xg[4 + i];
           }
-          if (Q4) {
-            const float s = bf16_to_float(t.scales[c * t.scale_stride + b * kCols + j]);
-            total += static_cast<float>(dot - 8 * t.xsum[r * blocks + b]) * (s * t.dx[r * blocks + b]);
-          } else {
-            total += static_cast<float>(dot) * t.dx[r * blocks + b];
+          const float d = t.dx[r * blocks + b];
+          const int32_t offset = 8 * t.xsum[r * blocks + b];  // codes are q + 8
+          for (int64_t j = 0; j < kCols; ++j)
+            total[j] += static_cast<float>(dot[j] - offset) * (bf16_to_float(t.scales[c * t.scale_stride + b * kCols + j]) * d);
+        } else {
+          for (int64_t g = b * t.block / 4; g < (b + 1) * t.block / 4; ++g) {
+            const uint8_t* wg = w + g * 64;
+            const int8_t* xg = xq + g * 4;
+            for (int64_t j = 0; j < kCols; ++j)
+              dot[j] += wg[j * 4] * xg[0] + wg[j * 4 + 1] * xg[1] + wg[j * 4 + 2] * xg[2] + wg[j * 4 + 3] * xg[3];
           }
+          for (int64_t j = 0; j < kCols; ++j) total[j] += static_cast<float>(dot[j]) * t.dx[r * blocks + b];
         }
-        result[(r * cols + c) * kCols + j] = total;
       }
+      for (int64_t j = 0; j < kCols; ++j) result[(r * cols + c) * kCols + j] = total[j];
+    }
 }
 
 // Rows of x by columns of W in tiles of R rows x C column blocks (sums for R x C zmm stay in registers).
