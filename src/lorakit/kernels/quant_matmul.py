@@ -190,8 +190,9 @@ def load(portable: bool = False) -> Any | None:
 
 def isa(portable: bool = False) -> str | None:
     """The path the kernels take on this CPU: "amx" (AVX-512 VNNI below 16 rows), "avx512_vnni", or
-    "plain" (the portable loops: correct, but slower than bf16 through oneDNN, so not worth turning
-    quantization on for speed); None where they cannot be built."""
+    "plain" (the portable loops: correct, but in the portable build on q/k/v at 16 rows ~10x slower
+    than bf16 through oneDNN, about even at one row: quantize there for memory, not speed); None
+    where they cannot be built."""
     ops = load(portable)
     return None if ops is None else ops.quant_isa()
 

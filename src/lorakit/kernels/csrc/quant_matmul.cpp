@@ -511,7 +511,8 @@ at::Tensor quant_dequantize_q4(const at::Tensor& data, const at::Tensor& scales,
 }
 
 // Which path the integer matmuls take on this CPU in this build: "amx" (VNNI below 16 rows),
-// "avx512_vnni", or "plain" (loops the compiler vectorizes as it can: slower than bf16's oneDNN).
+// "avx512_vnni", or "plain" (loops the compiler vectorizes as it can: at 16 rows ~10x slower than
+// bf16 through oneDNN in the portable build, about even at one row).
 std::string quant_isa() {
 #if defined(LORAKIT_QUANT_AMX)
   if (amx_ready()) return "amx";
