@@ -25,6 +25,7 @@ Every server this script starts is stopped on the way out (its whole process gro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -32,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -128,15 +129,35 @@ def lorakit_server(exe: str, paths: dict[str, Path], mode: str | None, args) -> 
     return Server(f"lorakit serve {mode or 'bf16'}", cmd, port, "a0")
 
 
-def llama_server(bin_dir: Path, model: Path, loras: Sequence[Path], label: str, args) -> Server:
+def llama_server(bin_dir: Path, model: Path, loras: Sequence[Path], label: str, args, no_repack: bool = False) -> Server:
     port = free_port()
-    # 1024 positions per slot: a prompt and the 256-token stream fit
+    # 1024 positions per slot: a prompt and the 256-token stream fit. --lora takes one comma-separated list
+    # (given twice, only the last one is loaded); ids are that list's order.
     cmd = [str(bin_dir / "llama-server"), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-           "-t", "2", "-np", str(args.concurrency), "-c", str(1024 * args.concurrency)]
-    for lora in loras:
-        cmd += ["--lora", str(lora)]
-    cmd.append("--lora-init-without-apply")
-    return Server(f"llama.cpp {label}", cmd, port, BASE_NAME)
+           "-t", "2", "-np", str(args.concurrency), "-c", str(1024 * args.concurrency),
+           "--lora", ",".join(str(lora) for lora in loras), "--lora-init-without-apply"]
+    if no_repack:
+        cmd.append("--no-repack")
+    return Server(f"llama.cpp {label}" + (" -nr" if no_repack else ""), cmd, port, BASE_NAME)
+
+
+@contextlib.contextmanager
+def running_llama(bin_dir: Path, model: Path, loras: Sequence[Path], label: str, args) -> Iterator[Server]:
+    """llama-server with its weight repacking (AMX / interleaved quant layouts); if it dies of SIGILL while
+    loading (its AMX path did on a 2-core Sapphire Rapids VM, 2026-12-02), again with --no-repack, said aloud."""
+    server = llama_server(bin_dir, model, loras, label, args)
+    try:
+        server.__enter__()
+    except RuntimeError:
+        if server.proc is None or server.proc.returncode != -signal.SIGILL:
+            raise
+        print(f"  NOTE llama.cpp {label} died of SIGILL loading its repacked weights; running it with --no-repack", flush=True)
+        server = llama_server(bin_dir, model, loras, label, args, no_repack=True)
+        server.__enter__()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 # --- llama.cpp's inputs, built once -------------------------------------------------------------------
@@ -172,12 +193,12 @@ def llama_inputs(bin_dir: Path, work: Path, exe: str, paths: dict[str, Path]) ->
 
 # --- the loads ---------------------------------------------------------------------------------------
 def with_llama_lora(bodies: list[dict], adapters: Sequence[str | None]) -> list[dict]:
-    """llama-server's per-request adapter choice: `lora` ids in the order of its --lora flags."""
+    """llama-server's per-request adapter choice: `lora` ids in the order of its --lora list. A request without
+    `lora` gets every adapter at its load scale (1.0): base requests set one to 0, and every unnamed one is 0."""
     out = []
     for body, adapter in zip(bodies, adapters):
         body = {**body, "model": BASE_NAME}
-        if adapter is not None:
-            body["lora"] = [{"id": int(adapter[1:]), "scale": 1.0}]
+        body["lora"] = [{"id": 0 if adapter is None else int(adapter[1:]), "scale": 0.0 if adapter is None else 1.0}]
         out.append(body)
     return out
 
@@ -270,7 +291,8 @@ def forced_logits(engine, prompt: list[int], reply: list[int]):
 
 
 # --- report --------------------------------------------------------------------------------------------
-def report(lorakit: dict[str, dict], llama: dict[str, dict], rss: dict[str, Server], stats: dict, args, seconds: float) -> None:
+def report(lorakit: dict[str, dict], llama: dict[str, dict], llama_labels: dict[str, str], rss: dict[str, Server], stats: dict,
+           args, seconds: float) -> None:
     def rate(row) -> float:
         return row if isinstance(row, float) else row["tokens/s"]
 
@@ -278,12 +300,12 @@ def report(lorakit: dict[str, dict], llama: dict[str, dict], rss: dict[str, Serv
              ("single", f"1 stream, {args.single_tokens} tokens, a0"))
     if args.concurrency != 16:
         loads = tuple((k, t.replace("16 clients", f"{args.concurrency} clients")) for k, t in loads)
-    columns = [(f"lorakit {m}", lorakit[m]) for m in lorakit] + [(f"llama.cpp {m}", llama[m]) for m in llama]
+    columns = [(f"lorakit {m}", lorakit[m]) for m in lorakit] + [(llama_labels[m], llama[m]) for m in llama]
     print(f"\n{'=' * 110}\nFINAL TABLE (tokens/s; {args.requests} requests, {args.new_tokens} new tokens, greedy, streamed, "
           f"{seconds:.0f} s in all)")
-    print(f"  {'load':<34}" + "".join(f"{name:>13}" for name, _ in columns))
+    print(f"  {'load':<34}" + "".join(f"{name:>19}" for name, _ in columns))
     for key, title in loads:
-        print(f"  {title:<34}" + "".join(f"{rate(rows[key]):13.1f}" for _, rows in columns))
+        print(f"  {title:<34}" + "".join(f"{rate(rows[key]):19.1f}" for _, rows in columns))
 
     def best(rows: dict[str, dict], key: str, among: Sequence[str] | None = None) -> tuple[str, float]:
         name = max((m for m in rows if among is None or m in among), key=lambda m: rate(rows[m][key]))
@@ -294,15 +316,17 @@ def report(lorakit: dict[str, dict], llama: dict[str, dict], rss: dict[str, Serv
         print(f"  {what}: lorakit {ours[0]} {ours[1]:.1f} / llama.cpp {theirs[0]} {theirs[1]:.1f} = {value:.2f}x "
               f"(target >= {target}x)  {'PASS' if value >= target else 'FAIL'}")
 
-    print("\nratios (issue 21):")
-    quants = [m for m in lorakit if m != "bf16"]
-    ratio(1.3, best(lorakit, "single", quants), best(llama, "single", ["q8_0", "q4_1"]),
-          "one stream with an adapter, best quantized mode / best quant")
-    ratio(6, best(lorakit, "mixed"), best(llama, "mixed"), f"16 clients over {ADAPTERS} adapters, best / best")
-    ratio(2, best(lorakit, "base"), best(llama, "base"), "16 clients, base only, best / best")
-    print(f"  (lorakit bf16 / llama.cpp's best: {ADAPTERS} adapters "
-          f"{rate(lorakit['bf16']['mixed']) / best(llama, 'mixed')[1]:.2f}x, base {rate(lorakit['bf16']['base']) / best(llama, 'base')[1]:.2f}x, "
-          f"one stream {rate(lorakit['bf16']['single']) / best(llama, 'single')[1]:.2f}x)")
+    if lorakit and llama:
+        print("\nratios (issue 21):")
+        quants = [m for m in lorakit if m != "bf16"]
+        ratio(1.3, best(lorakit, "single", quants), best(llama, "single", ["q8_0", "q4_1"]),
+              "one stream with an adapter, best quantized mode / best quant")
+        ratio(6, best(lorakit, "mixed"), best(llama, "mixed"), f"16 clients over {ADAPTERS} adapters, best / best")
+        ratio(2, best(lorakit, "base"), best(llama, "base"), "16 clients, base only, best / best")
+        print(f"  (lorakit bf16 / llama.cpp's best: {ADAPTERS} adapters "
+              f"{rate(lorakit['bf16']['mixed']) / best(llama, 'mixed')[1]:.2f}x, base "
+              f"{rate(lorakit['bf16']['base']) / best(llama, 'base')[1]:.2f}x, one stream "
+              f"{rate(lorakit['bf16']['single']) / best(llama, 'single')[1]:.2f}x)")
 
     mb = lambda b: f"{b / 2**20:.0f} MB" if b else "n/a"  # noqa: E731
     print("\npeak RSS of the server process (VmHWM; sampled process + children in brackets):")
@@ -339,6 +363,8 @@ def main() -> int:
     parser.add_argument("--lorakit", default=None, help="the lorakit console script (default: next to this python)")
     parser.add_argument("--no-compile", action="store_true", help="lorakit serve --no-compile (default: compiled, as serve does)")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-lorakit", action="store_true", help="llama.cpp's servers only (no ratios)")
+    parser.add_argument("--skip-llama", action="store_true", help="lorakit's servers only (no ratios)")
     args = parser.parse_args()
     if args.quick:
         args.requests, args.new_tokens, args.single_tokens = 16, 16, 32
@@ -364,22 +390,23 @@ def main() -> int:
           f"{args.concurrency} clients, {args.new_tokens} new tokens; HTTP client {peers.CLIENT}; {os.cpu_count()} CPUs",
           flush=True)
 
-    lorakit_rows, llama_rows, servers = {}, {}, {}
-    for label, mode in LORAKIT_MODES.items():
+    lorakit_rows, llama_rows, servers, llama_labels = {}, {}, {}, {}
+    for label, mode in ([] if args.skip_lorakit else LORAKIT_MODES.items()):
         print(f"\nlorakit serve {label}:", flush=True)
         with lorakit_server(exe, paths, mode, args) as server:
             lorakit_rows[label] = three_loads(server, messages, adapters, args, llama=False)
         servers[label] = server
-    for label, model in bases.items():
+    for label, model in ({} if args.skip_llama else bases).items():
         print(f"\nllama.cpp {label} ({model.name}):", flush=True)
-        with llama_server(bin_dir, model, loras, label, args) as server:
+        with running_llama(bin_dir, model, loras, label, args) as server:
             llama_rows[label] = three_loads(server, messages, adapters, args, llama=True)
+        llama_labels[label] = server.label
 
     stats = {}
     if not args.skip_quality:
         print(f"\nquality of lorakit's quantized weights vs bf16 (in-process, a0, {args.quality_tokens} tokens):", flush=True)
         stats = quality(paths, QUALITY_CHATS[: args.quality_prompts], args.quality_tokens)
-    report(lorakit_rows, llama_rows, servers, stats, args, time.perf_counter() - t_start)
+    report(lorakit_rows, llama_rows, llama_labels, servers, stats, args, time.perf_counter() - t_start)
     return 0
 
 
