@@ -65,8 +65,15 @@ def atomic_gguf(target: str | os.PathLike, arch: str) -> Iterator[gguf.GGUFWrite
         writer.close()
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would keep the file from an Ollama server's user
         os.replace(tmp, target)
     except BaseException:
         writer.close()
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
