@@ -95,7 +95,8 @@ class LlamaServer:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         command = [str(BIN / "llama-server"), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
-                   "-t", str(min(os.cpu_count() or 1, 2)), "-np", "1", "-c", "2048", "--no-warmup"]
+                   "-t", str(min(os.cpu_count() or 1, 2)), "-np", "1", "-c", "2048", "--no-warmup",
+                   "--no-repack"]  # its AMX repacking of quantized weights dies of SIGILL on some VMs
         for lora in loras:
             command += ["--lora", str(lora)]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
