@@ -234,8 +234,6 @@ def three_loads(server: Server, messages: list[list[dict]], adapters: list[str],
 def quality(paths: dict[str, Path], prompts_text: Sequence[str], tokens: int) -> dict[str, dict]:
     """int8 and q4_0 against bf16 on the same prompts with adapter a0: the logits at each position of the
     bf16 engine's greedy reply (teacher-forced), and each mode's own greedy reply against bf16's."""
-    import torch
-
     from generate_throughput import lorakit_model
 
     from lorakit import load_tokenizer
