@@ -81,3 +81,18 @@ def write_peft_adapter(directory, seed: int, **config) -> None:
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
     model.save_pretrained(str(directory))
+
+
+def char_tokenizer():
+    """One id per printable character (<pad> 0, </s> 1, <unk> 2), `</s>` as EOS, no chat template (alpaca
+    prompts): a tokenizer to save beside a tiny model for CLI runs."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")

@@ -12,9 +12,8 @@ import torch
 
 import lorakit
 from lorakit.cli import main
-from tests.helpers import randomize_lora_b
+from tests.helpers import char_tokenizer, randomize_lora_b
 from tests.infer.test_families import FAMILY_CONFIGS, family_model
-from tests.lora.test_expert import char_tokenizer
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")

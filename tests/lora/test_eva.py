@@ -18,8 +18,8 @@ from lorakit.errors import ConfigError, LorakitError
 from lorakit.lora.eva import Replay, get_eva_state_dict, initialize_lora_eva_weights, token_index
 from lorakit.lora.layer import LoraLinear
 from lorakit.train.config import load_run_config
-from tests.helpers import make_tiny_llama, randomize_lora_b
-from tests.lora.test_expert import base_model_from, char_tokenizer
+from tests.helpers import char_tokenizer, make_tiny_llama, randomize_lora_b
+from tests.lora.test_expert import base_model_from
 
 peft = pytest.importorskip("peft")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import string
 import warnings
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from lorakit import LoraConfig, PeftModel, get_peft_model
 from lorakit.errors import ConfigError
 from lorakit.lora.expert import ParamLora
 from lorakit.lora.peft_format import adapter_state_dict
+from tests.helpers import char_tokenizer
 from tests.infer.test_decoder import tiny_family
 
 peft = pytest.importorskip("peft")
@@ -170,18 +170,6 @@ def test_a_router_weight_is_a_2d_parameter_lora() -> None:
 
 
 # --- training through the CLI -------------------------------------------------------------------------
-def char_tokenizer():
-    """One id per printable character (<pad> 0, </s> 1), no chat template: alpaca prompts."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-
-
 @pytest.mark.slow
 def test_lorakit_train_adapts_the_experts_and_peft_loads_the_result(tmp_path: Path) -> None:
     from lorakit.cli import main

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import string
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Iterator
@@ -17,22 +16,10 @@ from safetensors.torch import load_file
 
 from lorakit.cli import main
 from lorakit.train import full
-from tests.helpers import make_tiny_llama
+from tests.helpers import char_tokenizer, make_tiny_llama
 
 SHORT = ["--task_train_examples", "24", "--task_eval_examples", "2", "--per_device_train_batch_size", "2",
          "--learning_rate", "3e-3", "--warmup_steps", "1", "--logging_steps", "1", "--model.dtype", "float32"]
-
-
-def char_tokenizer():
-    """One id per printable character (100 in all), `</s>` as EOS, no chat template (alpaca prompts)."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
 
 
 def save_tiny_model(directory: Path, **overrides) -> Path:

@@ -33,6 +33,7 @@ from torch.func import functional_call
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.lora.expert_routing import routed_call
+from lorakit.lora.layer import layers_disabled
 from lorakit.lora.routing import current_routing
 
 LORA_PARTS = ("lora_A", "lora_B", "lora_dropout", "modules_to_save", "original_module")
@@ -280,20 +281,8 @@ def param_layers(model: nn.Module) -> list[ParamLora]:
 @contextmanager
 def params_disabled(model: nn.Module) -> Iterator[None]:
     """The base parameters only inside the block (merged adapters unmerged on entry, merged back on exit)."""
-    layers = param_layers(model)
-    before = [m.disabled for m in layers]
-    merged = {m: list(m.merged_adapters) for m in layers if m.merged_adapters}
-    for m in merged:
-        m.unmerge()
-    for m in layers:
-        m.disabled = True
-    try:
+    with layers_disabled(param_layers(model)):
         yield
-    finally:
-        for m, was in zip(layers, before):
-            m.disabled = was
-        for m, names in merged.items():
-            m.merge(names)
 
 
 # --- merge_and_unload / unload ----------------------------------------------------------------------

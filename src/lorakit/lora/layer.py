@@ -353,9 +353,16 @@ class ModulesToSave(nn.Module):
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """Run the bare base model inside the block. Merged adapters are unmerged on entry and merged back
     on exit, here and not as a side effect of a forward pass."""
-    layers = [m for m in model.modules() if isinstance(m, (LoraLinear, ModulesToSave))]
+    with layers_disabled([m for m in model.modules() if isinstance(m, (LoraLinear, ModulesToSave))]):
+        yield
+
+
+@contextmanager
+def layers_disabled(layers: list[nn.Module]) -> Iterator[None]:
+    """These adapter layers (LoraLinear, ModulesToSave, lora/expert's ParamLora) disabled inside the
+    block, their merged adapters unmerged on entry and merged back on exit."""
     before = [m.disabled for m in layers]
-    merged = {m: list(m.merged_adapters) for m in layers if isinstance(m, LoraLinear) and m.merged_adapters}
+    merged = {m: list(m.merged_adapters) for m in layers if getattr(m, "merged_adapters", None)}
     for m in merged:
         m.unmerge()
     for m in layers:
