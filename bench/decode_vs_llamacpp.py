@@ -143,15 +143,17 @@ def llama_server(bin_dir: Path, model: Path, loras: Sequence[Path], label: str, 
 
 @contextlib.contextmanager
 def running_llama(bin_dir: Path, model: Path, loras: Sequence[Path], label: str, args) -> Iterator[Server]:
-    """llama-server with its weight repacking (AMX / interleaved quant layouts); if it dies of SIGILL while
-    loading (its AMX path did on a 2-core Sapphire Rapids VM, 2026-12-02), again with --no-repack, said aloud."""
+    """llama-server with its weight repacking (AMX / interleaved quant layouts); if it dies of a signal while
+    loading (SIGILL or SIGSEGV in its AMX path on a 2-core Sapphire Rapids VM, 2026-12-02), again with
+    --no-repack, said aloud."""
     server = llama_server(bin_dir, model, loras, label, args)
     try:
         server.__enter__()
     except RuntimeError:
-        if server.proc is None or server.proc.returncode != -signal.SIGILL:
+        if server.proc is None or server.proc.returncode not in (-signal.SIGILL, -signal.SIGSEGV):
             raise
-        print(f"  NOTE llama.cpp {label} died of SIGILL loading its repacked weights; running it with --no-repack", flush=True)
+        print(f"  NOTE llama.cpp {label} died of signal {-server.proc.returncode} loading its repacked weights; running it "
+              "with --no-repack", flush=True)
         server = llama_server(bin_dir, model, loras, label, args, no_repack=True)
         server.__enter__()
     try:
