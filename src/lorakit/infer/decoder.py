@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from lorakit.errors import LorakitError
 from lorakit.infer.cache import SlotCache
 from lorakit.infer.compiled import GraphProjections, at_chunk, running
-from lorakit.infer.families import FAMILIES, SLIDING, Layout, layout_of
+from lorakit.infer.families import SLIDING, Layout, layout_of
 from lorakit.infer.packed import QUANTIZERS, FusedLinear, Projections, StepProjections
 from lorakit.kernels import decode_attention, routed_lora
 from lorakit.lora.routing import Routing, routed
@@ -37,7 +37,6 @@ from lorakit.lora.routing import Routing, routed
 SMALL_ATTENTION = 192  # cached positions up to which one row's decode attention runs in fp32 (0.6-0.7 ms a step; a wash at 256)
 COMPILED_LAYERS = 5  # layers per compiled call: the whole default model in one graph ran no faster and took 4x as long to compile
 
-ENGINE_FAMILIES = tuple(FAMILIES)  # config.model_type values the engine runs natively
 
 
 class Norms:

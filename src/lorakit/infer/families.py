@@ -49,15 +49,6 @@ class Layout:
     half_rotary: bool = False  # the rotary module returns D/2 frequencies (gpt-oss), applied to the two halves
     mlp_returns_tuple: bool = False  # gpt-oss's MLP returns (hidden, router scores)
 
-    @property
-    def llama_like(self) -> bool:
-        """Every layer as Llama's, up to names and q/k norms: what the compiled decode step and the C++
-        attention kernel were written for."""
-        return (self.norm == "llama" and self.post_attention is None and self.post_mlp is None and self.pre_attention is not None
-                and self.residual_multiplier == 1.0 and self.embedding_multiplier == 1.0 and self.logit_divisor == 1.0
-                and self.attention_softcap is None and self.final_softcap is None and not self.sinks and self.rope_types is None
-                and not self.half_rotary)
-
 
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

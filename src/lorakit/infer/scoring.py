@@ -62,7 +62,7 @@ def _prediction(prompt: EvalPrompt, answer: str) -> dict[str, Any]:
 def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[list[int]], adapters: Sequence[RowSpec],
                      max_new_tokens: int = 128, max_batch: int = 32) -> list[str]:
     """Greedy answers, each row with its own adapter: through lorakit's engine for the families it runs
-    (infer/decoder.ENGINE_FAMILIES), through transformers' generate (with per-row adapters) for others."""
+    (infer/families.FAMILIES), through transformers' generate (with per-row adapters) for others."""
     was_training = model.training
     try:
         if _engine_can_run(model):
